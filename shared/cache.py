@@ -1,0 +1,98 @@
+"""On-disk cache of vocabularies and pair tables: the one module of ``shared`` that touches files.
+
+Entries are ``.npz`` files named by content hashes, written to a temporary name and renamed into
+place, so a crash never leaves a truncated entry and concurrent writers agree on one result.
+Vocabularies are keyed by a hash of the tokenizer's serialised form; pair tables by the pair of
+vocabulary content hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenbridge.shared.tables import PairTable, build_pair_table
+from tokenbridge.shared.vocab import VOCAB_FORMAT, Vocab, build_vocab
+
+__all__ = ["TableCache", "tokenizer_fingerprint"]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about a tokenizer that ``build_vocab`` reads."""
+    digest = hashlib.sha256(f"vocab-format-{VOCAB_FORMAT}".encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    extras = {
+        "len": len(tokenizer),
+        "roles": [getattr(tokenizer, f"{r}_token", None) for r in ("bos", "eos", "pad")],
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    digest.update(json.dumps(extras, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+class TableCache:
+    """Vocabularies and pair tables cached under ``root`` (created on first write)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def _load(self, path: Path) -> dict[str, np.ndarray] | None:
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {key: data[key] for key in data.files}
+        except (OSError, ValueError):
+            return None  # a damaged entry is rebuilt, never trusted
+
+    def _store(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                np.savez(stream, **arrays)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def vocab(self, tokenizer: Any, name: str | None = None) -> Vocab:
+        """The ``Vocab`` of ``tokenizer``, built once and then read from disk."""
+        path = self.root / "vocab" / f"{tokenizer_fingerprint(tokenizer)}.npz"
+        arrays = self._load(path)
+        if arrays is not None:
+            try:
+                return Vocab.from_arrays(arrays)
+            except (KeyError, ValueError):
+                pass
+        vocab = build_vocab(tokenizer, name)
+        self._store(path, vocab.to_arrays())
+        return vocab
+
+    def pair_path(self, teacher: Vocab, student: Vocab) -> Path:
+        """Where the pair table of ``teacher`` × ``student`` lives."""
+        return self.root / "pairs" / f"{teacher.content_hash}-{student.content_hash}.npz"
+
+    def pair_table(self, teacher: Vocab, student: Vocab) -> PairTable:
+        """The §4 table of ``teacher`` × ``student``, built once and then read from disk."""
+        path = self.pair_path(teacher, student)
+        arrays = self._load(path)
+        if arrays is not None:
+            try:
+                table = PairTable.from_arrays(arrays)
+                if (table.teacher_hash, table.student_hash) == (
+                    teacher.content_hash,
+                    student.content_hash,
+                ):
+                    return table
+            except (KeyError, ValueError):
+                pass
+        table = build_pair_table(teacher, student)
+        self._store(path, table.to_arrays())
+        return table

@@ -1,0 +1,35 @@
+"""The closed error hierarchy of ``tokenbridge.shared``.
+
+``TokenbridgeError``
+  ``TokenizerUnsupportedError``  a tokenizer whose tokens cannot be turned into exact bytes
+  ``AlignmentError``             two token sequences that do not spell the same bytes
+  ``ScoresShapeError``           teacher scores whose shapes do not match the teacher sequence
+
+Callers (the service's error mapper, the client) catch ``TokenbridgeError`` and map the subclasses;
+every message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlignmentError",
+    "ScoresShapeError",
+    "TokenbridgeError",
+    "TokenizerUnsupportedError",
+]
+
+
+class TokenbridgeError(Exception):
+    """Base of every error ``tokenbridge.shared`` raises on purpose."""
+
+
+class TokenizerUnsupportedError(TokenbridgeError):
+    """The tokenizer's pieces do not spell bytes, so no byte-exact mapping is possible."""
+
+
+class AlignmentError(TokenbridgeError):
+    """Two tokenisations that should spell the same bytes do not."""
+
+
+class ScoresShapeError(TokenbridgeError):
+    """Teacher scores do not fit the teacher token sequence they claim to describe."""
