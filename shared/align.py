@@ -43,8 +43,21 @@ GAP_ID = -1
 _SENTINELS = ("\n", "\n\n", ".", "a")
 
 
+_METASPACE = "\u2581"
+
+
 def _spelled(vocab: Vocab, ids: Sequence[int]) -> bytes:
     return vocab.bytes_of(ids)
+
+
+def _byte_pieces(vocab: Vocab, data: bytes) -> list[int]:
+    ids = []
+    for value in data:
+        token_id = vocab.id_of_bytes.get(bytes([value]))
+        if token_id is None:
+            raise AlignmentError(f"tokenizer {vocab.name!r} has no token for the byte {value:#04x}")
+        ids.append(token_id)
+    return ids
 
 
 def encode_continuation(tokenizer: Any, vocab: Vocab, text: str) -> list[int]:
@@ -56,6 +69,14 @@ def encode_continuation(tokenizer: Any, vocab: Vocab, text: str) -> list[int]:
     """
     if not text:
         return []
+    if vocab.scheme == "sentencepiece" and _METASPACE in text:
+        # SentencePiece reads a literal ▁ as a space; spell it with byte pieces instead.
+        ids: list[int] = []
+        for index, piece in enumerate(text.split(_METASPACE)):
+            if index:
+                ids.extend(_byte_pieces(vocab, _METASPACE.encode()))
+            ids.extend(encode_continuation(tokenizer, vocab, piece))
+        return ids
     target = text.encode("utf-8")
     ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
     if _spelled(vocab, ids) == target:

@@ -119,8 +119,11 @@ class PairMapper:
             teacher_to_student[teacher_id] = student_id
         self.teacher_special_to_student = teacher_to_student
         self.student_canonical = np.arange(student.size, dtype=np.int64)
-        for token_id, canonical in student.canonical_overrides.items():
-            self.student_canonical[token_id] = canonical
+        if not self.same_vocab:
+            # Across tokenizers the table reports one id per byte string; with one tokenizer on
+            # both sides every id stands for itself.
+            for token_id, canonical in student.canonical_overrides.items():
+                self.student_canonical[token_id] = canonical
         self.lookup = StudentLookup(student)
 
     # -- shared pieces -------------------------------------------------------------------------
@@ -152,9 +155,11 @@ class PairMapper:
         long_enough_NC = teacher.lengths[safe_NC] >= offset_N[:, None]
         inside_N = offset_N > 0
         probe_NC = teacher.starts[safe_NC] + np.maximum(offset_N[:, None] - 1, 0)
-        probe_NC = np.minimum(probe_NC, len(teacher.flat) - 1)
-        actual_probe_N = teacher.starts[actual_N] + np.maximum(offset_N - 1, 0)
-        same_prefix_NC = teacher.prefix_hashes[probe_NC] == teacher.prefix_hashes[actual_probe_N][:, None]
+        last = len(teacher.flat) - 1
+        probe_NC = np.minimum(probe_NC, last)
+        actual_probe_N = np.minimum(teacher.starts[actual_N] + np.maximum(offset_N - 1, 0), last)
+        hashes = teacher.prefix_hashes
+        same_prefix_NC = hashes[probe_NC] == hashes[actual_probe_N][:, None]
         return valid_NC & (~inside_N[:, None] | (long_enough_NC & same_prefix_NC))
 
     def _boundaries(self, alignment: Alignment, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ __all__ = [
 ROLES = ("bos", "eos", "eot", "pad")
 
 #: Bumped whenever the byte extraction changes, so cached tables built by older code are ignored.
-VOCAB_FORMAT = 1
+VOCAB_FORMAT = 2
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15 | 1)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -340,9 +340,8 @@ def _canonical_overrides(
         if text is not None:
             # Behind a newline, so SentencePiece's dummy prefix lands on the sentinel.
             encoded = tokenizer.encode("\n" + text, add_special_tokens=False)
-            tail = [i for i in encoded if i in ids]
-            if len(tail) == 1 and chunks[encoded[-1]] == data:
-                chosen = tail[0]
+            if encoded and encoded[-1] in ids:
+                chosen = encoded[-1]
         for token_id in ids:
             overrides[token_id] = chosen
     return overrides

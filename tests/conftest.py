@@ -1,0 +1,63 @@
+"""Shared fixtures: the seven offline tokenizers and their vocabularies, loaded once per session.
+
+Tokenizers are materialised into ``<repo>/.cache`` (``TOKENBRIDGE_CACHE`` overrides it), so a
+clean clone converts them once and later runs load them in about a second each.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokenbridge.hub import OFFLINE_TOKENIZERS, load_tokenizer
+from tokenbridge.shared.cache import TableCache
+from tokenbridge.shared.mapping import PairMapper
+from tokenbridge.shared.vocab import Vocab
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("TOKENBRIDGE_CACHE", REPO / ".cache"))
+ALL_TOKENIZERS = tuple(OFFLINE_TOKENIZERS)
+
+
+@dataclass
+class TokenizerBank:
+    """Lazily loaded tokenizers, vocabularies and pair mappers, shared by the whole session."""
+
+    cache_dir: Path
+    _tokenizers: dict[str, Any] = field(default_factory=dict)
+    _vocabs: dict[str, Vocab] = field(default_factory=dict)
+    _mappers: dict[tuple[str, str], PairMapper] = field(default_factory=dict)
+
+    @property
+    def tables(self) -> TableCache:
+        return TableCache(self.cache_dir / "tables")
+
+    def tokenizer(self, name: str) -> Any:
+        if name not in self._tokenizers:
+            self._tokenizers[name] = load_tokenizer(name, self.cache_dir)
+        return self._tokenizers[name]
+
+    def vocab(self, name: str) -> Vocab:
+        if name not in self._vocabs:
+            self._vocabs[name] = self.tables.vocab(self.tokenizer(name), name)
+        return self._vocabs[name]
+
+    def mapper(self, teacher: str, student: str) -> PairMapper:
+        key = (teacher, student)
+        if key not in self._mappers:
+            t, s = self.vocab(teacher), self.vocab(student)
+            self._mappers[key] = PairMapper(t, s, self.tables.pair_table(t, s))
+        return self._mappers[key]
+
+
+@pytest.fixture(scope="session")
+def bank() -> TokenizerBank:
+    """The session's tokenizer bank."""
+    return TokenizerBank(CACHE_DIR)
