@@ -56,7 +56,7 @@ class TableCache:
         handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, **arrays)
+                np.savez(stream, **arrays)  # type: ignore[arg-type]
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

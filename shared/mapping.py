@@ -28,12 +28,13 @@ rows where a student token may cross the actual teacher token's end.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from tokenbridge.shared.align import GAP_ID, Alignment, AlignmentReport, special_token_map
 from tokenbridge.shared.errors import ScoresShapeError
-from tokenbridge.shared.tables import PairTable, StudentLookup
+from tokenbridge.shared.tables import PairTable, StudentTrie, walk_trie
 from tokenbridge.shared.vocab import Vocab
 
 __all__ = ["MappedCompletion", "PairMapper", "TeacherScores", "TelescopedLogprobs"]
@@ -62,7 +63,8 @@ class TeacherScores:
             )
         if ids.shape[0] != positions:
             raise ScoresShapeError(
-                f"teacher scores cover {ids.shape[0]} positions; the teacher sequence has {positions}"
+                f"teacher scores cover {ids.shape[0]} positions; the teacher sequence has "
+                f"{positions}"
             )
 
 
@@ -124,7 +126,11 @@ class PairMapper:
             # both sides every id stands for itself.
             for token_id, canonical in student.canonical_overrides.items():
                 self.student_canonical[token_id] = canonical
-        self.lookup = StudentLookup(student)
+
+    @cached_property
+    def trie(self) -> StudentTrie:
+        """The student trie, built on the first crossing that needs it."""
+        return StudentTrie.from_vocab(self.student)
 
     # -- shared pieces -------------------------------------------------------------------------
 
@@ -162,8 +168,10 @@ class PairMapper:
         same_prefix_NC = hashes[probe_NC] == hashes[actual_probe_N][:, None]
         return valid_NC & (~inside_N[:, None] | (long_enough_NC & same_prefix_NC))
 
-    def _boundaries(self, alignment: Alignment, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For stream offsets ``points``: the teacher token containing each, and the offset in it."""
+    def _boundaries(
+        self, alignment: Alignment, points: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """For stream offsets ``points``: the teacher token holding each, and the offset in it."""
         starts_ext = np.concatenate([alignment.teacher_starts, alignment.sync[-1:]])
         token = np.searchsorted(starts_ext, points, side="right") - 1
         token = np.minimum(token, len(alignment.teacher_starts))
@@ -285,15 +293,20 @@ class PairMapper:
         token_N, offset_N = self._boundaries(alignment, alignment.student_starts[rows_N])
         ids_NC, lps_NC, valid_NC = self._candidates(teacher_ids, scores, token_N)
         actual_N = teacher_ids[token_N]
-        consistent_NC = self._consistent(ids_NC, valid_NC, actual_N, offset_N)
-        width = ids_NC.shape[1]
+        # Only rows that start inside a teacher token filter candidates by the consumed bytes.
+        inside_I = np.flatnonzero(offset_N > 0)
+        consistent_NC = valid_NC.copy()
+        consistent_NC[inside_I] = self._consistent(
+            ids_NC[inside_I], valid_NC[inside_I], actual_N[inside_I], offset_N[inside_I]
+        )
         probs_NC = np.where(valid_NC, np.exp(np.where(valid_NC, lps_NC, 0.0)), 0.0)
 
         known_N = probs_NC.sum(axis=1)
         tail_N = np.maximum(1.0 - known_N, 0.0)
         inconsistent_N = np.where(consistent_NC, 0.0, probs_NC).sum(axis=1)
         at_boundary_N = offset_N == 0
-        log_z_N = np.where(at_boundary_N, 0.0, _logsumexp_masked(lps_NC, consistent_NC))
+        log_z_N = np.zeros(len(rows_N))
+        log_z_N[inside_I] = _logsumexp_masked(lps_NC[inside_I], consistent_NC[inside_I])
 
         safe_NC = np.where(consistent_NC, ids_NC, 0)
         lengths_NC = teacher.lengths[safe_NC]
@@ -311,8 +324,10 @@ class PairMapper:
             target_NC = np.where(whole_NC, ids_NC, target_NC)
             match_NC = np.where(whole_NC, remaining_NC, match_NC)
             special_map_V = np.where(teacher.special, np.arange(teacher.size), special_map_V)
-        exact_NC = has_bytes_NC & (target_NC >= 0) & (
-            (match_NC == remaining_NC) | ((match_NC > 0) & ~crosses_NC)
+        exact_NC = (
+            has_bytes_NC
+            & (target_NC >= 0)
+            & ((match_NC == remaining_NC) | ((match_NC > 0) & ~crosses_NC))
         )
         special_target_NC = np.where(consistent_NC & special_NC, special_map_V[safe_NC], -1)
         exact_NC |= special_target_NC >= 0
@@ -352,7 +367,9 @@ class PairMapper:
 
         # Rank within each row: most mass first, ties in the teacher's own column order (the
         # heads already stand in that order).
-        rank_NW = np.argsort(-np.where(head_target_NW >= 0, head_mass_NW, -1.0), axis=1, kind="stable")
+        rank_NW = np.argsort(
+            -np.where(head_target_NW >= 0, head_mass_NW, -1.0), axis=1, kind="stable"
+        )
         keep = min(top_k, rank_NW.shape[1])
         top_target = np.take_along_axis(head_target_NW, rank_NW[:, :keep], axis=1)
         top_logq = np.take_along_axis(head_logq_NW, rank_NW[:, :keep], axis=1)
@@ -392,53 +409,54 @@ class PairMapper:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Follow the actual teacher token into the next position when a student token may cross.
 
-        Returns (row, student id, mass) entries and, per row, the mass left unresolved.
+        For each such row, the actual token's mass is split over the next position's candidates;
+        each continuation (remaining bytes + the next token's bytes) goes to its longest student
+        prefix unless a student token could run on past it as well. Returns (row, student id,
+        mass) entries and, per row, the mass left unresolved (including the next position's tail).
         """
         if not len(rows):
             return None
         teacher = self.teacher
-        token_bytes = teacher.token_bytes
+        column_R = resolve_NC[rows].argmax(axis=1)
+        base_R = probs_NC[rows, column_R]
+        actual_R = ids_NC[rows, column_R]
+        next_R = token_N[rows] + 1
+        offset_R = offset_N[rows]
+        safe_ids = np.where(teacher_ids == GAP_ID, 0, teacher_ids)
+        next_ids, next_lps, next_valid = self._candidates(safe_ids, scores, next_R)
+        next_valid &= (teacher_ids[next_R] != GAP_ID)[:, None]
+        weight_RC = base_R[:, None] * np.where(
+            next_valid, np.exp(np.where(next_valid, next_lps, 0.0)), 0.0
+        )
+
+        head_start_R = teacher.starts[actual_R] + offset_R
+        head_len_R = teacher.lengths[actual_R] - offset_R
+        safe_next = np.where(next_valid, next_ids, 0)
+        next_special = teacher.special[safe_next]
+        target_RC = np.full(next_ids.shape, -1, dtype=np.int64)
+        # The text goes on with a special token: the student token ends inside these bytes.
+        inner_R = table.student_id[head_start_R].astype(np.int64)
+        ends_here = next_valid & next_special
+        target_RC[ends_here] = np.broadcast_to(inner_R[:, None], next_ids.shape)[ends_here]
+        query = next_valid & ~next_special
+        row_q, col_q = np.nonzero(query)
+        found, _, runs_on = walk_trie(
+            self.trie,
+            teacher.flat,
+            head_start_R[row_q],
+            head_len_R[row_q],
+            teacher.starts[safe_next[row_q, col_q]],
+            teacher.lengths[safe_next[row_q, col_q]],
+        )
+        target_RC[row_q, col_q] = np.where(runs_on, -1, found)
+        assigned = target_RC >= 0
         lost = np.zeros(len(token_N))
-        out_rows: list[int] = []
-        out_ids: list[int] = []
-        out_mass: list[float] = []
-        for row in rows.tolist():
-            column = int(np.flatnonzero(resolve_NC[row])[0])
-            base = float(probs_NC[row, column])
-            k = int(token_N[row])
-            offset = int(offset_N[row])
-            remaining = token_bytes[int(ids_NC[row, column])][offset:]
-            inner = table.student_id[teacher.starts[int(ids_NC[row, column])] + offset]
-            next_ids, next_lps, next_valid = self._candidates(
-                teacher_ids, scores, np.array([k + 1], dtype=np.int64)
-            )
-            covered = 0.0
-            if teacher_ids[k + 1] == GAP_ID:
-                lost[row] += base
-                continue
-            for next_id, next_lp, ok in zip(
-                next_ids[0].tolist(), next_lps[0].tolist(), next_valid[0].tolist(), strict=True
-            ):
-                if not ok:
-                    continue
-                weight = base * float(np.exp(next_lp))
-                covered += weight
-                if teacher.special[next_id]:
-                    # The text ends with these bytes: the longest student token inside them.
-                    target, extendable = int(inner), False
-                else:
-                    target, _, extendable = self.lookup.longest(remaining + token_bytes[next_id])
-                if target < 0 or extendable:
-                    lost[row] += weight
-                else:
-                    out_rows.append(row)
-                    out_ids.append(target)
-                    out_mass.append(weight)
-            lost[row] += max(base - covered, 0.0)
+        lost[rows] = np.maximum(base_R - np.where(assigned, weight_RC, 0.0).sum(axis=1), 0.0)
+        entry_row, entry_col = np.nonzero(assigned)
         return (
-            np.asarray(out_rows, dtype=np.int64),
-            np.asarray(out_ids, dtype=np.int64),
-            np.asarray(out_mass, dtype=np.float64),
+            rows[entry_row],
+            target_RC[entry_row, entry_col],
+            weight_RC[entry_row, entry_col],
             lost,
         )
 
@@ -453,28 +471,29 @@ def _merge_rows(
     pass-through), else ``log(total) - log z``.
     """
     n_rows, width = target_NW.shape
-    by_target = np.argsort(target_NW, axis=1, kind="stable")
-    sorted_target = np.take_along_axis(target_NW, by_target, axis=1)
-    sorted_mass = np.take_along_axis(mass_NW, by_target, axis=1)
-    starts_group = np.ones_like(sorted_target, dtype=bool)
+    # Sort (id, column) pairs packed into one integer: a plain sort, and equal ids keep their
+    # column order, so a group's head is its first entry in column order.
+    shift = max(int(width - 1).bit_length(), 1)
+    packed = np.sort((target_NW << shift) | np.arange(width), axis=1)
+    sorted_target = packed >> shift
+    sorted_column = packed & ((1 << shift) - 1)
+    row_offset = np.arange(n_rows)[:, None] * width
+    sorted_mass = mass_NW.ravel()[(sorted_column + row_offset).ravel()]
+    starts_group = np.ones(sorted_target.shape, dtype=bool)
     starts_group[:, 1:] = sorted_target[:, 1:] != sorted_target[:, :-1]
     flat_starts = np.flatnonzero(starts_group)
-    group_mass = np.add.reduceat(sorted_mass.ravel(), flat_starts)
-    group_size = np.diff(np.append(flat_starts, sorted_target.size))
-    head_sorted_mass = np.zeros(sorted_target.size)
-    head_sorted_mass[flat_starts] = group_mass
-    size_sorted = np.zeros(sorted_target.size, dtype=np.int64)
-    size_sorted[flat_starts] = group_size
-    # Back to column order: a group's head is its first entry in column order (stable sort).
-    head_mass = np.empty(sorted_target.size)
-    head_size = np.empty(sorted_target.size, dtype=np.int64)
-    flat_columns = (by_target + np.arange(n_rows)[:, None] * width).ravel()
-    head_mass[flat_columns] = head_sorted_mass
-    head_size[flat_columns] = size_sorted
+    head_flat = (sorted_column + row_offset).ravel()[flat_starts]
+    head_mass = np.zeros(n_rows * width)
+    head_size = np.zeros(n_rows * width, dtype=np.int64)
+    head_mass[head_flat] = np.add.reduceat(sorted_mass, flat_starts)
+    head_size[head_flat] = np.diff(np.append(flat_starts, sorted_target.size))
     head_mass = head_mass.reshape(n_rows, width)
     head_size = head_size.reshape(n_rows, width)
     is_head = (head_size > 0) & (target_NW >= 0)
+    merged = head_size > 1
+    head_logq = logq_NW.copy()
     with np.errstate(divide="ignore"):
-        merged_logq = np.log(head_mass) - log_z_N[:, None]
-    head_logq = np.where(head_size == 1, logq_NW, merged_logq)
+        head_logq[merged] = (
+            np.log(head_mass[merged]) - np.broadcast_to(log_z_N[:, None], merged.shape)[merged]
+        )
     return np.where(is_head, target_NW, -1), head_mass, head_logq

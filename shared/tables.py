@@ -21,7 +21,7 @@ import numpy as np
 
 from tokenbridge.shared.vocab import _HASH_MULTIPLIER, Vocab
 
-__all__ = ["PairTable", "StudentTrie", "build_pair_table"]
+__all__ = ["PairTable", "StudentLookup", "StudentTrie", "build_pair_table", "walk_trie"]
 
 TABLE_FORMAT = 1
 
@@ -115,34 +115,63 @@ class PairTable:
         )
 
 
-def build_pair_table(teacher: Vocab, student: Vocab, trie: StudentTrie | None = None) -> PairTable:
-    """Build the §4 table for every (teacher token, offset) in one vectorised walk of the trie."""
-    trie = trie or StudentTrie.from_vocab(student)
-    total = len(teacher.flat)
-    token_of_byte = np.repeat(np.arange(teacher.size), teacher.lengths)
-    remaining = (teacher.starts[1:][token_of_byte] - np.arange(total)).astype(np.int64)
+def walk_trie(
+    trie: StudentTrie,
+    flat: np.ndarray,
+    head_start: np.ndarray,
+    head_len: np.ndarray,
+    tail_start: np.ndarray | None = None,
+    tail_len: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Longest student prefix of many byte strings at once, one vectorised step per byte.
 
-    best_id = np.full(total, -1, dtype=np.int32)
-    best_len = np.zeros(total, dtype=np.int16)
-    crosses = np.zeros(total, dtype=bool)
+    Query ``i`` is ``flat[head_start[i]:][:head_len[i]]`` followed by
+    ``flat[tail_start[i]:][:tail_len[i]]`` (the tail is optional). Returns, per query, the
+    canonical student id of the longest student token that is a prefix (-1 if none), its length,
+    and whether the whole query is a strict prefix of some student token (it could cross on).
+    """
+    count = len(head_start)
+    head_start = np.asarray(head_start, dtype=np.int64)
+    head_len = np.asarray(head_len, dtype=np.int64)
+    if tail_start is None or tail_len is None:
+        tail_start = np.zeros(count, dtype=np.int64)
+        tail_len = np.zeros(count, dtype=np.int64)
+    total_len = head_len + np.asarray(tail_len, dtype=np.int64)
+    tail_start = np.asarray(tail_start, dtype=np.int64)
 
-    alive = np.arange(total, dtype=np.int64)
-    hashes = np.zeros(total, dtype=np.uint64)
+    best_id = np.full(count, -1, dtype=np.int32)
+    best_len = np.zeros(count, dtype=np.int16)
+    crosses = np.zeros(count, dtype=bool)
+    alive = np.flatnonzero(total_len > 0)
+    hashes = np.zeros(len(alive), dtype=np.uint64)
     depth = 0
-    flat = teacher.flat
     with np.errstate(over="ignore"):
         while len(alive):
-            hashes = hashes * _HASH_MULTIPLIER + (flat[alive + depth].astype(np.uint64) + 1)
+            in_head = depth < head_len[alive]
+            position = np.where(
+                in_head, head_start[alive] + depth, tail_start[alive] + depth - head_len[alive]
+            )
+            hashes = hashes * _HASH_MULTIPLIER + (flat[position].astype(np.uint64) + 1)
             depth += 1
             on_trie, _ = _member(trie.node_hashes, hashes)
             alive, hashes = alive[on_trie], hashes[on_trie]
             is_token, where = _member(trie.token_hashes, hashes)
             best_id[alive[is_token]] = trie.token_ids[where[is_token]]
             best_len[alive[is_token]] = depth
-            exhausted = remaining[alive] == depth
-            done = alive[exhausted]
-            crosses[done] = _member(trie.proper_hashes, hashes[exhausted])[0]
+            exhausted = total_len[alive] == depth
+            crosses[alive[exhausted]] = _member(trie.proper_hashes, hashes[exhausted])[0]
             alive, hashes = alive[~exhausted], hashes[~exhausted]
+    return best_id, best_len, crosses
+
+
+def build_pair_table(teacher: Vocab, student: Vocab, trie: StudentTrie | None = None) -> PairTable:
+    """Build the §4 table for every (teacher token, offset) in one vectorised walk of the trie."""
+    trie = trie or StudentTrie.from_vocab(student)
+    total = len(teacher.flat)
+    token_of_byte = np.repeat(np.arange(teacher.size), teacher.lengths)
+    positions = np.arange(total, dtype=np.int64)
+    remaining = teacher.starts[1:][token_of_byte] - positions
+    best_id, best_len, crosses = walk_trie(trie, teacher.flat, positions, remaining)
     return PairTable(
         teacher_hash=teacher.content_hash,
         student_hash=student.content_hash,
@@ -154,8 +183,9 @@ def build_pair_table(teacher: Vocab, student: Vocab, trie: StudentTrie | None = 
 
 @dataclass(frozen=True, eq=False)
 class StudentLookup:
-    """Exact byte-level longest-match over a student vocabulary, for the rare cases the table
-    cannot answer alone (a student token that may cross a teacher boundary)."""
+    """Exact longest-match over a student vocabulary with plain byte strings and sets.
+
+    The reference the hashed trie is tested against; too slow for the hot path."""
 
     student: Vocab
 

@@ -172,7 +172,9 @@ class Vocab:
         """Inverse of ``to_arrays``."""
         meta = json.loads(np.asarray(arrays["meta"], dtype=np.uint8).tobytes())
         if meta.get("format") != VOCAB_FORMAT:
-            raise ValueError(f"vocabulary arrays of format {meta.get('format')}, need {VOCAB_FORMAT}")
+            raise ValueError(
+                f"vocabulary arrays of format {meta.get('format')}, need {VOCAB_FORMAT}"
+            )
         return cls(
             name=meta["name"],
             flat=np.asarray(arrays["flat"], dtype=np.uint8),
@@ -224,7 +226,7 @@ def _eot_from_chat_template(tokenizer: Any, specials: dict[str, int]) -> int | N
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
             tokenize=False,
         )
-    except Exception:  # noqa: BLE001 - any template failure just means "no end-of-turn found"
+    except Exception:
         return None
     if not isinstance(rendered, str) or marker not in rendered:
         return None
@@ -254,7 +256,9 @@ def build_vocab(tokenizer: Any, name: str | None = None) -> Vocab:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TokenizerUnsupportedError("only fast (Rust-backed) Hugging Face tokenizers are supported")
+        raise TokenizerUnsupportedError(
+            "only fast (Rust-backed) Hugging Face tokenizers are supported"
+        )
     backend_json = json.loads(backend.to_str())
     scheme = _detect_scheme(backend_json)
     size = len(tokenizer)
@@ -281,8 +285,8 @@ def build_vocab(tokenizer: Any, name: str | None = None) -> Vocab:
                 chunks.append(bytes(inverse[char] for char in piece))
             except KeyError as missing:
                 raise TokenizerUnsupportedError(
-                    f"token {token_id} ({piece!r}) has a character {missing} outside the byte-level "
-                    "alphabet"
+                    f"token {token_id} ({piece!r}) has a character {missing} outside the "
+                    "byte-level alphabet"
                 ) from None
         else:
             chunks.append(_piece_bytes_sentencepiece(piece))

@@ -29,9 +29,7 @@ __all__ = [
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tokenbridge"
 
-_GPT2_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # The chat templates the families' instruct tokenizers carry (ChatML for Qwen, Llama 3's header
 # format), so that end-of-turn roles and message rendering behave as on a real checkpoint.
@@ -98,9 +96,7 @@ def _from_tiktoken(
 def _build_gpt2(_: Path) -> Any:
     path = _package_file("whisper", "assets/gpt2.tiktoken")
     eot = "<|endoftext|>"
-    return _from_tiktoken(
-        path, _GPT2_PATTERN, [eot], bos_token=eot, eos_token=eot, unk_token=eot
-    )
+    return _from_tiktoken(path, _GPT2_PATTERN, [eot], bos_token=eot, eos_token=eot, unk_token=eot)
 
 
 def _qwen_specials(attr: str) -> list[str]:
@@ -171,9 +167,25 @@ def _sentencepiece_builder(relative: str) -> Callable[[Path], Any]:
 # defaults for such files). Written into the converted copy so that the conversion does not need
 # mistral-common's full dependency tree; ranks above these are ``<SPECIAL_i>`` fillers.
 _TEKKEN_LEGACY_SPECIALS = (
-    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-    "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
     "[TOOL_CONTENT]",
 )
 
@@ -259,7 +271,7 @@ def materialise(name: str, cache_dir: Path | str | None = None) -> Path:
 
 
 def load_tokenizer(name_or_path: str, cache_dir: Path | str | None = None) -> Any:
-    """Load a fast tokenizer: an offline name (``gpt2``, ``llama3``, ...), a folder, or a hub name."""
+    """Load a fast tokenizer: an offline name (``gpt2``, ``llama3``...), a folder or a hub name."""
     from transformers import AutoTokenizer
 
     if name_or_path in OFFLINE_TOKENIZERS:

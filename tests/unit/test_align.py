@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from texts import FIXED_SAMPLES, adversarial_text
 
 from tokenbridge.shared.align import (
     GAP_ID,
@@ -17,6 +16,8 @@ from tokenbridge.shared.align import (
     token_widths,
 )
 from tokenbridge.shared.errors import AlignmentError
+
+from texts import FIXED_SAMPLES, adversarial_text
 
 PAIRS = [
     ("qwen3.6", "llama3"),
@@ -56,8 +57,12 @@ def _check_alignment(bank, teacher, student, text):
     s_bytes = [s_voc.token_bytes[i] for i in student_ids.tolist()]
     t_bytes = [t_voc.token_bytes[i] for i in view.ids.tolist()]
     for chunk in range(alignment.num_chunks):
-        left = b"".join(b for b, c in zip(s_bytes, alignment.student_chunk, strict=True) if c == chunk)
-        right = b"".join(b for b, c in zip(t_bytes, alignment.teacher_chunk, strict=True) if c == chunk)
+        left = b"".join(
+            b for b, c in zip(s_bytes, alignment.student_chunk, strict=True) if c == chunk
+        )
+        right = b"".join(
+            b for b, c in zip(t_bytes, alignment.teacher_chunk, strict=True) if c == chunk
+        )
         assert left == right
         assert left  # no empty chunk
     report = alignment.report()
@@ -88,6 +93,7 @@ def test_chunks_tile_both_sides_on_adversarial_text(bank, teacher, student):
 )
 def test_sync_points_are_the_boundary_intersection(left, right):
     total = min(sum(left), sum(right))
+
     # Trim both to the same total, keeping widths positive.
     def trim(widths):
         out, acc = [], 0

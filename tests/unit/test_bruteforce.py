@@ -18,8 +18,8 @@ string distribution (never from the pair table or the mapper):
   already consumed: the special eos for the teacher's eos; the student token ``r`` spells exactly
   (a teacher boundary counts as a student boundary); else the longest student token the string's
   remaining bytes begin with (longest match over the *whole* remaining text, found by scanning the
-  student vocabulary). Mapped rows must be a sub-measure of this truth, exact where flagged (full K),
-  within ``(unresolved + tail) / z`` in total variation everywhere, with mass accounting to 1.
+  student vocabulary). Mapped rows must be a sub-measure of this truth, exact where flagged (full
+  K), within ``(unresolved + tail) / z`` in total variation everywhere, with mass accounting to 1.
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tokenbridge.shared.align import Alignment, align, encode_continuation, teacher_view, token_widths
+from tokenbridge.shared.align import (
+    Alignment,
+    align,
+    encode_continuation,
+    teacher_view,
+    token_widths,
+)
 from tokenbridge.shared.mapping import MappedCompletion, PairMapper, TeacherScores
 from tokenbridge.shared.tables import build_pair_table
 from tokenbridge.shared.vocab import Vocab, build_vocab
@@ -80,9 +86,7 @@ class Side:
 def _side(tokenizer: PreTrainedTokenizerFast) -> Side:
     vocab = build_vocab(tokenizer)
     eos = int(tokenizer.eos_token_id)
-    token_bytes = {
-        i: tokenizer.decode([i]).encode() for i in range(len(tokenizer)) if i != eos
-    }
+    token_bytes = {i: tokenizer.decode([i]).encode() for i in range(len(tokenizer)) if i != eos}
     return Side(tokenizer, vocab, token_bytes, {b: i for i, b in token_bytes.items()}, eos)
 
 
@@ -131,7 +135,9 @@ def _support(rng: np.random.Generator) -> list[str]:
     """A few dozen strings sharing many prefixes (so that strings end inside others)."""
     letters = np.array(list(ALPHABET))
     weights = rng.dirichlet(np.ones(len(ALPHABET)))
-    roots = ["".join(rng.choice(letters, size=int(rng.integers(2, 5)), p=weights)) for _ in range(6)]
+    roots = [
+        "".join(rng.choice(letters, size=int(rng.integers(2, 5)), p=weights)) for _ in range(6)
+    ]
     texts: set[str] = set()
     for _ in range(int(rng.integers(20, 45))):
         root = roots[int(rng.integers(len(roots)))]
@@ -286,7 +292,9 @@ def _completion(pair: Pair, teacher: StringTeacher, text: str) -> Completion:
 
 def _mapped_row(out: MappedCompletion, j: int) -> dict[int, float]:
     row: dict[int, float] = {}
-    for token_id, lp in zip(out.topk_ids_SK[j].tolist(), out.topk_logprobs_SK[j].tolist(), strict=True):
+    for token_id, lp in zip(
+        out.topk_ids_SK[j].tolist(), out.topk_logprobs_SK[j].tolist(), strict=True
+    ):
         if token_id >= 0:
             assert token_id not in row, f"row {j} lists id {token_id} twice"
             row[token_id] = math.exp(lp)
@@ -300,7 +308,11 @@ def _tail(teacher: StringTeacher, scores: TeacherScores, path, k: int) -> float:
 
 
 def check_telescoped(
-    pair: Pair, teacher: StringTeacher, c: Completion, scores: TeacherScores, out: MappedCompletion,
+    pair: Pair,
+    teacher: StringTeacher,
+    c: Completion,
+    scores: TeacherScores,
+    out: MappedCompletion,
     full: bool,
 ) -> None:
     """§3 against ``F`` summed over the strings."""
@@ -315,7 +327,8 @@ def check_telescoped(
         f_impl = math.exp(float(np.sum(out.logprobs_S[: j + 1])))
         if full:
             assert out.logprobs_S[j] == pytest.approx(math.log(f_e) - math.log(f_a), abs=TOL), (
-                c.text, j
+                c.text,
+                j,
             )
         assert out.logprobs_S[j] <= 0.0
         if e > int(c.starts[-1]) or _token_of(c.starts, e)[1] == 0:
@@ -335,8 +348,13 @@ def check_telescoped(
 
 
 def check_sparse(
-    pair: Pair, teacher: StringTeacher, c: Completion, scores: TeacherScores, out: MappedCompletion,
-    full: bool, stats: Counter[str],
+    pair: Pair,
+    teacher: StringTeacher,
+    c: Completion,
+    scores: TeacherScores,
+    out: MappedCompletion,
+    full: bool,
+    stats: Counter[str],
 ) -> None:
     """§4 against the next-token distribution enumerated from the strings."""
     data = c.text.encode()
@@ -346,7 +364,10 @@ def check_sparse(
         truth = _row_truth(teacher, pair, c.path, c.starts, data, a)
         row = _mapped_row(out, j)
         z, tail = float(out.z_S[j]), float(out.tail_mass_S[j])
-        unresolved, inconsistent = float(out.unresolved_mass_S[j]), float(out.inconsistent_mass_S[j])
+        unresolved, inconsistent = (
+            float(out.unresolved_mass_S[j]),
+            float(out.inconsistent_mass_S[j]),
+        )
         mapped = float(out.mapped_mass_S[j])
         where = (c.text, j, truth, row)
 
@@ -392,8 +413,9 @@ def check_sparse(
             stats["multi_candidate"] += len(truth.mass) > 1
 
 
-def _check_truncated_output(full_out: MappedCompletion, small_out: MappedCompletion, c: Completion,
-                            mapper: PairMapper) -> None:
+def _check_truncated_output(
+    full_out: MappedCompletion, small_out: MappedCompletion, c: Completion, mapper: PairMapper
+) -> None:
     """With an output top-K of 2: the two likeliest entries of the full row, plus the sample."""
     for j in range(len(c.student_ids)):
         full_row = _mapped_row(full_out, j)
@@ -418,7 +440,11 @@ def run_case(direction: int, seed: int) -> Counter[str]:
         for top_k in (None, SMALL_K):
             scores = _scores(teacher, c.path, top_k)
             out = pair.mapper.map(
-                c.student_ids, np.asarray(c.path), c.alignment, scores, top_k=pair.student.vocab.size
+                c.student_ids,
+                np.asarray(c.path),
+                c.alignment,
+                scores,
+                top_k=pair.student.vocab.size,
             )
             tele = pair.mapper.telescoped(c.alignment, np.asarray(c.path), scores)
             np.testing.assert_array_equal(tele.logprobs_S, out.logprobs_S)
@@ -465,8 +491,15 @@ def test_cases_exercise_every_path(direction: int) -> None:
     total: Counter[str] = Counter()
     for seed in SEEDS:
         total += run_case(direction, seed)
-    for key in ("exact", "inside", "crossing", "crossing_resolved", "unresolved",
-                "sampled_zero", "multi_candidate"):
+    for key in (
+        "exact",
+        "inside",
+        "crossing",
+        "crossing_resolved",
+        "unresolved",
+        "sampled_zero",
+        "multi_candidate",
+    ):
         assert total[key] > 0, (key, total)
     assert total["exact"] < total["rows"]
 
@@ -478,16 +511,18 @@ def test_checks_catch_a_wrong_mapping() -> None:
     text = max(teacher.texts, key=len)
     c = _completion(pair, teacher, text)
     scores = _scores(teacher, c.path, None)
-    out = pair.mapper.map(c.student_ids, np.asarray(c.path), c.alignment, scores,
-                          top_k=pair.student.vocab.size)
+    out = pair.mapper.map(
+        c.student_ids, np.asarray(c.path), c.alignment, scores, top_k=pair.student.vocab.size
+    )
     check_telescoped(pair, teacher, c, scores, out, full=True)
     check_sparse(pair, teacher, c, scores, out, full=True, stats=Counter())
 
     shifted = out.logprobs_S.copy()
     shifted[0] -= 1e-6
     with pytest.raises(AssertionError):
-        check_telescoped(pair, teacher, c, scores, dataclasses.replace(out, logprobs_S=shifted),
-                         full=True)
+        check_telescoped(
+            pair, teacher, c, scores, dataclasses.replace(out, logprobs_S=shifted), full=True
+        )
 
     row = int(np.flatnonzero(out.exact_S)[0])
     ids = out.topk_ids_SK.copy()

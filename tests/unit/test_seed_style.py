@@ -14,9 +14,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tokenbridge.shared.align import encode_continuation, teacher_view  # noqa: E402
-from tokenbridge.shared.vocab import build_vocab  # noqa: E402
-
 from bench.seed_style import (  # noqa: E402
     SeedChunk,
     seed_align,
@@ -24,6 +21,8 @@ from bench.seed_style import (  # noqa: E402
     semantic_prior_targets,
 )
 from tokenbridge.hub import load_tokenizer  # noqa: E402
+from tokenbridge.shared.align import encode_continuation, teacher_view  # noqa: E402
+from tokenbridge.shared.vocab import build_vocab  # noqa: E402
 
 CACHE_DIR = Path("/work/main/.cache")
 

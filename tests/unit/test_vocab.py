@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ALL_TOKENIZERS
 from hypothesis import HealthCheck, given, settings
-from texts import FIXED_SAMPLES, adversarial_text
 
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.errors import TokenizerUnsupportedError
 from tokenbridge.shared.vocab import Vocab, build_vocab, rolling_prefix_hashes
+
+from conftest import ALL_TOKENIZERS
+from texts import FIXED_SAMPLES, adversarial_text
 
 EXPECTED_SIZES = {
     "gpt2": 50_257,
@@ -148,8 +149,10 @@ def test_prefix_hashes_agree_exactly_when_prefixes_agree():
     tokens = [b"abc", b"abd", b"ab", b"x", b""]
     starts = np.cumsum([0] + [len(t) for t in tokens])
     hashes = rolling_prefix_hashes(np.frombuffer(b"".join(tokens), dtype=np.uint8), starts)
+
     def h(i, length):
         return hashes[starts[i] + length - 1]
+
     assert h(0, 2) == h(1, 2) == h(2, 2)
     assert h(0, 3) != h(1, 3)
     assert h(0, 1) != h(3, 1)
