@@ -14,7 +14,12 @@ about token ``j`` given everything before it):
   its remaining bytes begin with: the token itself when they spell exactly one student token (a
   teacher boundary counts as a student boundary), else the longest student token they begin with
   when no student token can cross into the next teacher token; else it is resolved along the
-  actual path with the next teacher position's top-K, or reported as unresolved.
+  actual path with the next teacher position's top-K, or reported as unresolved. One refinement
+  on the actual path: when the sampled student token runs past the end of the actual teacher token
+  (Llama 3's "202" over Qwen's "2", "0", "2"), the part of the actual token's mass that goes on
+  to spell the sampled token is its §3 chain, and it is the sampled token's; so at a teacher
+  boundary the sampled token's §4 probability equals its §3 probability. A truncated top-K makes
+  that chain a lower bound; the most it can hide is reported as unresolved.
 * per row, in units of the teacher's probability at teacher position ``k``: ``z`` (mass of the
   candidates consistent with the bytes already consumed; exactly 1 at a teacher boundary),
   ``mapped_mass``, ``unresolved_mass``, ``inconsistent_mass`` (candidates contradicting the consumed
@@ -252,6 +257,7 @@ class PairMapper:
         if len(rows_S):
             self._sparse(
                 student_ids, teacher_ids, alignment, scores, top_k, rows_S,
+                telescoped.logprobs_S[rows_S],
                 out_ids, out_lps, z_S, mapped_S, tail_S, unresolved_S, inconsistent_S, exact_S,
             )  # fmt: skip
         report = alignment.report(untiled_bytes)
@@ -279,6 +285,7 @@ class PairMapper:
         scores: TeacherScores,
         top_k: int,
         rows_N: np.ndarray,
+        chain_logq_N: np.ndarray,
         out_ids: np.ndarray,
         out_lps: np.ndarray,
         z_S: np.ndarray,
@@ -338,29 +345,77 @@ class PairMapper:
         resolve_NC &= (token_N + 1 < m)[:, None]
 
         unresolved_N = np.where(unresolved_NC & ~resolve_NC, probs_NC, 0.0).sum(axis=1)
-        unresolved_N = np.where(unresolved_NC & ~resolve_NC, probs_NC, 0.0).sum(axis=1)
         n_rows = len(rows_N)
         target_NW = np.where(exact_NC, target_NC, -1)
         mass_NW = np.where(exact_NC, probs_NC, 0.0)
         logq_NW = lps_NC - log_z_N[:, None]
-        extra = self._resolve_crossings(
+        sampled_N = self.student_canonical[student_ids[rows_N]]
+        extra_rows: list[np.ndarray] = []
+        extra_ids: list[np.ndarray] = []
+        extra_mass: list[np.ndarray] = []
+
+        # The sampled student token may run past the end of the actual teacher token (Llama 3's
+        # "202" over Qwen's "2", "0", "2"). The part of the actual token's mass that goes on
+        # along the actual path to spell it is exactly its §3 chain, z · q(s_j): it moves from
+        # the actual token's target to the sampled token.
+        actual_col_NC = is_actual_NC & valid_NC
+        chain_N = (exact_NC & actual_col_NC).any(axis=1)
+        chain_N &= alignment.student_ends[rows_N] > alignment.teacher_ends[token_N]
+        chain_N &= np.isfinite(chain_logq_N)
+        chain_rows = np.flatnonzero(chain_N)
+        if len(chain_rows):
+            col = actual_col_NC[chain_rows].argmax(axis=1)
+            available = mass_NW[chain_rows, col]
+            moved = np.minimum(np.exp(log_z_N[chain_rows] + chain_logq_N[chain_rows]), available)
+            # With a truncated top-K the chain's last factor is a lower bound: up to the path
+            # product times that position's tail may continue too. That much is unresolved.
+            uncertain = np.minimum(
+                self._chain_tail(
+                    alignment, teacher_ids, scores, rows_N[chain_rows], token_N[chain_rows]
+                ),
+                available - moved,
+            )
+            unresolved_N[chain_rows] += uncertain
+            left = available - moved - uncertain
+            # The whole actual token continues (up to rounding): keep no dust behind.
+            dust = left <= 1e-12 * available
+            moved = np.where(dust, moved + left, moved)
+            left = np.where(dust, 0.0, left)
+            mass_NW[chain_rows, col] = left
+            with np.errstate(divide="ignore"):
+                logq_NW[chain_rows, col] = np.log(left) - log_z_N[chain_rows]
+            target_NW[chain_rows, col] = np.where(left > 0, target_NW[chain_rows, col], -1)
+            extra_rows.append(chain_rows)
+            extra_ids.append(sampled_N[chain_rows])
+            extra_mass.append(moved)
+
+        resolved = self._resolve_crossings(
             np.flatnonzero(resolve_NC.any(axis=1)), resolve_NC, ids_NC, probs_NC, token_N,
             offset_N, teacher_ids, scores, table,
         )  # fmt: skip
-        if extra is not None:
-            rows_e, ids_e, mass_e, lost_e = extra
+        if resolved is not None:
+            rows_e, ids_e, mass_e, lost_e = resolved
             unresolved_N += lost_e
+            extra_rows.append(rows_e)
+            extra_ids.append(ids_e)
+            extra_mass.append(mass_e)
+        if extra_rows:
+            rows_e = np.concatenate(extra_rows)
+            order = np.argsort(rows_e, kind="stable")
+            rows_e = rows_e[order]
+            ids_e = np.concatenate(extra_ids)[order]
+            mass_e = np.concatenate(extra_mass)[order]
             slot_e = np.arange(len(rows_e)) - np.searchsorted(rows_e, rows_e, side="left")
             extra_width = int(slot_e.max()) + 1 if len(slot_e) else 0
-            extra_target = np.full((n_rows, extra_width), -1, dtype=np.int64)
-            extra_mass = np.zeros((n_rows, extra_width))
-            extra_target[rows_e, slot_e] = ids_e
-            extra_mass[rows_e, slot_e] = mass_e
+            more_target = np.full((n_rows, extra_width), -1, dtype=np.int64)
+            more_mass = np.zeros((n_rows, extra_width))
+            more_target[rows_e, slot_e] = ids_e
+            more_mass[rows_e, slot_e] = mass_e
             with np.errstate(divide="ignore"):
-                extra_logq = np.log(np.maximum(extra_mass, 0.0)) - log_z_N[:, None]
-            target_NW = np.concatenate([target_NW, extra_target], axis=1)
-            mass_NW = np.concatenate([mass_NW, extra_mass], axis=1)
-            logq_NW = np.concatenate([logq_NW, extra_logq], axis=1)
+                more_logq = np.log(more_mass) - log_z_N[:, None]
+            target_NW = np.concatenate([target_NW, more_target], axis=1)
+            mass_NW = np.concatenate([mass_NW, more_mass], axis=1)
+            logq_NW = np.concatenate([logq_NW, more_logq], axis=1)
         merged = _merge_rows(target_NW, mass_NW, logq_NW, log_z_N)
         head_target_NW, head_mass_NW, head_logq_NW = merged
         mapped_N = np.where(head_target_NW >= 0, head_mass_NW, 0.0).sum(axis=1)
@@ -377,7 +432,6 @@ class PairMapper:
         out_lps[rows_N, :keep] = np.where(top_target >= 0, top_logq, -np.inf)
 
         # The sampled token always appears: in the last column when it is not among the top K.
-        sampled_N = self.student_canonical[student_ids[rows_N]]
         in_top_N = (top_target == sampled_N[:, None]).any(axis=1)
         is_sampled_NW = head_target_NW == sampled_N[:, None]
         found_N = is_sampled_NW.any(axis=1)
@@ -394,6 +448,30 @@ class PairMapper:
         unresolved_S[rows_N] = unresolved_N
         inconsistent_S[rows_N] = inconsistent_N
         exact_S[rows_N] = (unresolved_N == 0.0) & np.isfinite(sampled_logq_N)
+
+    def _chain_tail(
+        self,
+        alignment: Alignment,
+        teacher_ids: np.ndarray,
+        scores: TeacherScores,
+        rows: np.ndarray,
+        token_R: np.ndarray,
+    ) -> np.ndarray:
+        """Bound on the chain mass a truncated top-K hides, for sampled tokens that run past
+        teacher token ``token_R``: the path product up to the teacher token holding the sampled
+        token's end, times that position's tail (zero when the end is a teacher boundary)."""
+        end_token, end_offset = self._boundaries(alignment, alignment.student_ends[rows])
+        inside = end_offset > 0
+        if not inside.any():
+            return np.zeros(len(rows))
+        path_T = np.where(teacher_ids == GAP_ID, 0.0, scores.actual_logprobs_T)
+        cumulative = np.concatenate([[0.0], np.cumsum(path_T)])
+        product = np.exp(cumulative[end_token] - cumulative[token_R])
+        holder = np.minimum(end_token, len(teacher_ids) - 1)
+        safe_ids = np.where(teacher_ids == GAP_ID, 0, teacher_ids)
+        _, lps, valid = self._candidates(safe_ids, scores, holder)
+        known = np.where(valid, np.exp(np.where(valid, lps, 0.0)), 0.0).sum(axis=1)
+        return np.where(inside, product * np.maximum(1.0 - known, 0.0), 0.0)
 
     def _resolve_crossings(
         self,

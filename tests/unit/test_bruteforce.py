@@ -16,7 +16,9 @@ string distribution (never from the pair table or the mapper):
   boundaries, short by at most (path product) x (tail mass) inside a teacher token.
 * §4: the student's next token for each string that continues the teacher path through the bytes
   already consumed: the special eos for the teacher's eos; the student token ``r`` spells exactly
-  (a teacher boundary counts as a student boundary); else the longest student token the string's
+  (a teacher boundary counts as a student boundary) unless the string goes on along the actual
+  path to spell the sampled student token, which then gets it; else the longest student token the
+  string's
   remaining bytes begin with (longest match over the *whole* remaining text, found by scanning the
   student vocabulary). Mapped rows must be a sub-measure of this truth, exact where flagged (full
   K), within ``(unresolved + tail) / z`` in total variation everywhere, with mass accounting to 1.
@@ -233,8 +235,40 @@ class RowTruth:
     crossing: float  # mass of the strings whose next student token crosses the teacher token's end
 
 
-def _row_truth(teacher: StringTeacher, pair: Pair, path, starts, data: bytes, a: int) -> RowTruth:
+def _follows_to(path, other, starts, data: bytes, end: int, pair: Pair) -> bool:
+    """Whether string ``other`` follows the actual teacher path through the bytes up to ``end``
+    (the strings ``F(end)`` of §3 sums over)."""
+    k_end, offset_end = _token_of(starts, end) if end <= int(starts[-1]) else (len(path), 0)
+    if other[:k_end] != path[:k_end]:
+        return False
+    if not offset_end:
+        return True
+    head = pair.teacher.token_bytes.get(other[k_end])
+    return head is not None and head.startswith(data[int(starts[k_end]) : end])
+
+
+def _row_truth(
+    teacher: StringTeacher,
+    pair: Pair,
+    path,
+    starts,
+    data: bytes,
+    a: int,
+    sampled: int | None = None,
+    end: int | None = None,
+) -> RowTruth:
+    """The exact §4 row at student position ``a``.
+
+    ``sampled``/``end``: the student's sampled token there and its end. Where the remaining bytes
+    of the actual teacher token spell a student token but the sampled token runs past the teacher
+    token's end, the strings that go on along the actual path to spell the sampled token are the
+    sampled token's (its §3 chain), the rest stay with the token the remaining bytes spell.
+    """
     k, offset = _token_of(starts, a)
+    teacher_end = int(starts[k + 1]) if k + 1 < len(starts) else None
+    chains = (
+        sampled is not None and end is not None and teacher_end is not None and end > teacher_end
+    )
     consumed = data[int(starts[k]) : a]
     base = teacher.mass[path[:k]]
     mass: dict[int, float] = {}
@@ -256,6 +290,8 @@ def _row_truth(teacher: StringTeacher, pair: Pair, path, starts, data: bytes, a:
             rest = text.encode()[a:]
             if remaining and remaining in pair.student.id_of:
                 target = pair.student.id_of[remaining]
+                if chains and u == path[k] and _follows_to(path, other, starts, data, end, pair):
+                    target = sampled
             else:
                 target = _longest_student(pair.student, rest)
                 if target != pair.student.eos and len(pair.student.token_bytes[target]) > len(
@@ -361,7 +397,10 @@ def check_sparse(
     canonical = pair.mapper.student_canonical
     for j in range(len(c.student_ids)):
         a = int(c.alignment.student_starts[j])
-        truth = _row_truth(teacher, pair, c.path, c.starts, data, a)
+        truth = _row_truth(
+            teacher, pair, c.path, c.starts, data, a,
+            int(canonical[c.student_ids[j]]), int(c.alignment.student_ends[j]),
+        )  # fmt: skip
         row = _mapped_row(out, j)
         z, tail = float(out.z_S[j]), float(out.tail_mass_S[j])
         unresolved, inconsistent = (

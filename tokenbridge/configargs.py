@@ -1,0 +1,82 @@
+"""Command-line flags generated from frozen config dataclasses, so flags are never copied by hand.
+
+Each field becomes ``--field-name`` with the field's type, default and the ``help`` entry of its
+metadata. ``from_args`` builds the dataclass back, so its own validation (``__post_init__``) runs
+and a bad value is reported as a usage error that says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["add_config_arguments", "config_from_args"]
+
+ConfigT = TypeVar("ConfigT")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(options[0]) if len(options) == 1 else str
+    if origin in (tuple, list):
+        return (typing.get_args(annotation) or (str,))[0]
+    return annotation
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
+    """Add one flag per field of the dataclass ``config_type``."""
+    hints = typing.get_type_hints(config_type)
+    for field in dataclasses.fields(config_type):
+        annotation = hints[field.name]
+        kind = _base_type(annotation)
+        default = (
+            field.default
+            if field.default is not dataclasses.MISSING
+            else field.default_factory()
+            if field.default_factory is not dataclasses.MISSING
+            else None
+        )
+        help_text = field.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(
+                _flag(field.name),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+            continue
+        is_sequence = typing.get_origin(annotation) in (tuple, list)
+        parser.add_argument(
+            _flag(field.name),
+            type=Path if kind is Path else kind,
+            nargs="+" if is_sequence else None,
+            default=default,
+            help=f"{help_text} (default: {default})" if help_text else f"default: {default}",
+        )
+
+
+def config_from_args(
+    config_type: type[ConfigT], args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> ConfigT:
+    """Build ``config_type`` from parsed flags; a validation error becomes a usage error."""
+    values = {}
+    for field in dataclasses.fields(config_type):  # type: ignore[arg-type]
+        value = getattr(args, field.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        values[field.name] = value
+    try:
+        return config_type(**values)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits
