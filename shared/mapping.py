@@ -316,13 +316,13 @@ class PairMapper:
         log_z_N[inside_I] = _logsumexp_masked(lps_NC[inside_I], consistent_NC[inside_I])
 
         safe_NC = np.where(consistent_NC, ids_NC, 0)
-        lengths_NC = teacher.lengths[safe_NC]
+        starts_NC = teacher.starts[safe_NC]
+        lengths_NC = teacher.starts[safe_NC + 1] - starts_NC
         remaining_NC = lengths_NC - offset_N[:, None]
-        special_NC = teacher.special[safe_NC]
-        has_bytes_NC = consistent_NC & ~special_NC & (remaining_NC > 0)
-        flat_NC = np.where(has_bytes_NC, teacher.starts[safe_NC] + offset_N[:, None], 0)
-        target_NC = np.where(has_bytes_NC, table.student_id[flat_NC], -1).astype(np.int64)
-        match_NC = table.match_len[flat_NC].astype(np.int64)
+        has_bytes_NC = consistent_NC & (remaining_NC > 0)
+        flat_NC = np.where(has_bytes_NC, starts_NC + offset_N[:, None], 0)
+        target_NC = np.where(has_bytes_NC, table.student_id[flat_NC], -1)
+        match_NC = table.match_len[flat_NC]
         crosses_NC = table.crosses[flat_NC]
         special_map_V = self.teacher_special_to_student
         if self.same_vocab:
@@ -336,9 +336,12 @@ class PairMapper:
             & (target_NC >= 0)
             & ((match_NC == remaining_NC) | ((match_NC > 0) & ~crosses_NC))
         )
-        special_target_NC = np.where(consistent_NC & special_NC, special_map_V[safe_NC], -1)
-        exact_NC |= special_target_NC >= 0
-        target_NC = np.where(special_target_NC >= 0, special_target_NC, target_NC)
+        # Special tokens spell no bytes; they map by role (rare, so only where they occur).
+        special_rows, special_cols = np.nonzero(consistent_NC & (lengths_NC == 0))
+        special_targets = special_map_V[ids_NC[special_rows, special_cols]]
+        target_NC = target_NC.astype(np.int64)
+        target_NC[special_rows, special_cols] = special_targets
+        exact_NC[special_rows, special_cols] = special_targets >= 0
         unresolved_NC = consistent_NC & ~exact_NC
         is_actual_NC = ids_NC == actual_N[:, None]
         resolve_NC = unresolved_NC & is_actual_NC & has_bytes_NC & crosses_NC

@@ -31,8 +31,8 @@ from tokenbridge.shared.vocab import Vocab
 
 __all__ = ["BigramTeacher", "DemoConfig", "run_demo"]
 
-DEFAULT_TEXT = "In 2026 the Globe sold 31536000 tickets 🎉 to naïve fans."
-DEFAULT_PROMPT = "Tell me a fact about the theatre."
+DEFAULT_TEXT = "To be, or not to be: in 1601 the Globe sold 31536 seats 🎭 to the king."
+DEFAULT_PROMPT = "HAMLET.\n"
 
 
 @dataclass(frozen=True)
