@@ -101,6 +101,34 @@ class MappedCompletion:
     report: AlignmentReport
 
 
+@dataclass(frozen=True)
+class _SparseRows:
+    """§4 results for a set of rows (arrays are filled in place, the container is fixed)."""
+
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    z: np.ndarray
+    mapped: np.ndarray
+    tail: np.ndarray
+    unresolved: np.ndarray
+    inconsistent: np.ndarray
+    exact: np.ndarray
+
+    @classmethod
+    def empty(cls, rows: int, top_k: int) -> _SparseRows:
+        """Padding ids (-1), -inf log-probs, NaN masses and ``exact`` False."""
+        return cls(
+            topk_ids=np.full((rows, top_k + 1), -1, dtype=np.int64),
+            topk_logprobs=np.full((rows, top_k + 1), -np.inf),
+            z=np.full(rows, np.nan),
+            mapped=np.full(rows, np.nan),
+            tail=np.full(rows, np.nan),
+            unresolved=np.full(rows, np.nan),
+            inconsistent=np.full(rows, np.nan),
+            exact=np.zeros(rows, dtype=bool),
+        )
+
+
 def _logsumexp_masked(logprobs_NC: np.ndarray, mask_NC: np.ndarray) -> np.ndarray:
     masked = np.where(mask_NC, logprobs_NC, -np.inf)
     peak = masked.max(axis=1)
@@ -246,35 +274,29 @@ class PairMapper:
         scored_S = telescoped.scored_S
         rows_S = np.flatnonzero(scored_S)
 
-        out_ids = np.full((n, top_k + 1), -1, dtype=np.int64)
-        out_lps = np.full((n, top_k + 1), -np.inf, dtype=np.float64)
-        z_S = np.full(n, np.nan)
-        mapped_S = np.full(n, np.nan)
-        tail_S = np.full(n, np.nan)
-        unresolved_S = np.full(n, np.nan)
-        inconsistent_S = np.full(n, np.nan)
-        exact_S = np.zeros(n, dtype=bool)
+        # Unscored rows (chunks holding a gap) keep padding, NaN masses and exact = False.
+        rows = _SparseRows.empty(n, top_k)
         if len(rows_S):
-            self._sparse(
+            found = self._sparse(
                 student_ids, teacher_ids, alignment, scores, top_k, rows_S,
                 telescoped.logprobs_S[rows_S],
-                out_ids, out_lps, z_S, mapped_S, tail_S, unresolved_S, inconsistent_S, exact_S,
             )  # fmt: skip
-        report = alignment.report(untiled_bytes)
+            for name in _SparseRows.__dataclass_fields__:
+                getattr(rows, name)[rows_S] = getattr(found, name)
         return MappedCompletion(
             logprobs_S=telescoped.logprobs_S,
-            topk_ids_SK=out_ids,
-            topk_logprobs_SK=out_lps,
+            topk_ids_SK=rows.topk_ids,
+            topk_logprobs_SK=rows.topk_logprobs,
             chunk_ids_S=alignment.student_chunk.astype(np.int64),
-            z_S=z_S,
-            mapped_mass_S=mapped_S,
-            tail_mass_S=tail_S,
-            unresolved_mass_S=unresolved_S,
-            inconsistent_mass_S=inconsistent_S,
-            exact_S=exact_S,
+            z_S=rows.z,
+            mapped_mass_S=rows.mapped,
+            tail_mass_S=rows.tail,
+            unresolved_mass_S=rows.unresolved,
+            inconsistent_mass_S=rows.inconsistent,
+            exact_S=rows.exact,
             scored_S=scored_S,
             chunk_teacher_logprobs_C=telescoped.chunk_teacher_logprobs_C,
-            report=report,
+            report=alignment.report(untiled_bytes),
         )
 
     def _sparse(
@@ -286,15 +308,8 @@ class PairMapper:
         top_k: int,
         rows_N: np.ndarray,
         chain_logq_N: np.ndarray,
-        out_ids: np.ndarray,
-        out_lps: np.ndarray,
-        z_S: np.ndarray,
-        mapped_S: np.ndarray,
-        tail_S: np.ndarray,
-        unresolved_S: np.ndarray,
-        inconsistent_S: np.ndarray,
-        exact_S: np.ndarray,
-    ) -> None:
+    ) -> _SparseRows:
+        """The §4 rows of student positions ``rows_N`` (see the module docstring)."""
         teacher, table = self.teacher, self.table
         m = len(teacher_ids)
         token_N, offset_N = self._boundaries(alignment, alignment.student_starts[rows_N])
@@ -429,28 +444,29 @@ class PairMapper:
             -np.where(head_target_NW >= 0, head_mass_NW, -1.0), axis=1, kind="stable"
         )
         keep = min(top_k, rank_NW.shape[1])
+        found = _SparseRows.empty(len(rows_N), top_k)
         top_target = np.take_along_axis(head_target_NW, rank_NW[:, :keep], axis=1)
         top_logq = np.take_along_axis(head_logq_NW, rank_NW[:, :keep], axis=1)
-        out_ids[rows_N, :keep] = top_target
-        out_lps[rows_N, :keep] = np.where(top_target >= 0, top_logq, -np.inf)
+        found.topk_ids[:, :keep] = top_target
+        found.topk_logprobs[:, :keep] = np.where(top_target >= 0, top_logq, -np.inf)
 
         # The sampled token always appears: in the last column when it is not among the top K.
         in_top_N = (top_target == sampled_N[:, None]).any(axis=1)
         is_sampled_NW = head_target_NW == sampled_N[:, None]
-        found_N = is_sampled_NW.any(axis=1)
         sampled_logq_N = np.where(
-            found_N, head_logq_NW[np.arange(n_rows), is_sampled_NW.argmax(axis=1)], -np.inf
+            is_sampled_NW.any(axis=1),
+            head_logq_NW[np.arange(n_rows), is_sampled_NW.argmax(axis=1)],
+            -np.inf,
         )
-        missing_N = ~in_top_N
-        out_ids[rows_N[missing_N], top_k] = sampled_N[missing_N]
-        out_lps[rows_N[missing_N], top_k] = sampled_logq_N[missing_N]
-
-        z_S[rows_N] = np.exp(log_z_N)
-        mapped_S[rows_N] = mapped_N
-        tail_S[rows_N] = tail_N
-        unresolved_S[rows_N] = unresolved_N
-        inconsistent_S[rows_N] = inconsistent_N
-        exact_S[rows_N] = (unresolved_N == 0.0) & np.isfinite(sampled_logq_N)
+        found.topk_ids[~in_top_N, top_k] = sampled_N[~in_top_N]
+        found.topk_logprobs[~in_top_N, top_k] = sampled_logq_N[~in_top_N]
+        found.z[:] = np.exp(log_z_N)
+        found.mapped[:] = mapped_N
+        found.tail[:] = tail_N
+        found.unresolved[:] = unresolved_N
+        found.inconsistent[:] = inconsistent_N
+        found.exact[:] = (unresolved_N == 0.0) & np.isfinite(sampled_logq_N)
+        return found
 
     def _chain_tail(
         self,
