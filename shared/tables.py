@@ -12,14 +12,13 @@ level by level in numpy: one vectorised step per byte of depth, over all ``(u, o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from tokenbridge.shared.vocab import _HASH_MULTIPLIER, Vocab
+from tokenbridge.shared.vocab import _HASH_MULTIPLIER, Vocab, meta_from_arrays, meta_to_array
 
 __all__ = ["PairTable", "StudentLookup", "StudentTrie", "build_pair_table", "walk_trie"]
 
@@ -97,15 +96,13 @@ class PairTable:
             "student_id": self.student_id,
             "match_len": self.match_len,
             "crosses": self.crosses,
-            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            "meta": meta_to_array(meta),
         }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PairTable:
         """Inverse of ``to_arrays``."""
-        meta = json.loads(np.asarray(arrays["meta"], dtype=np.uint8).tobytes())
-        if meta.get("format") != TABLE_FORMAT:
-            raise ValueError(f"pair table of format {meta.get('format')}, need {TABLE_FORMAT}")
+        meta = meta_from_arrays(arrays, TABLE_FORMAT)
         return cls(
             teacher_hash=meta["teacher"],
             student_hash=meta["student"],

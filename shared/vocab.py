@@ -43,6 +43,19 @@ _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15 | 1)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
+def meta_to_array(meta: Mapping[str, Any]) -> np.ndarray:
+    """JSON metadata as a uint8 array, so it travels inside an ``.npz`` without pickling."""
+    return np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+
+def meta_from_arrays(arrays: Mapping[str, np.ndarray], expected_format: int) -> dict[str, Any]:
+    """Inverse of ``meta_to_array`` for ``arrays["meta"]``; refuses another format version."""
+    meta = json.loads(np.asarray(arrays["meta"], dtype=np.uint8).tobytes())
+    if meta.get("format") != expected_format:
+        raise ValueError(f"arrays of format {meta.get('format')}, need {expected_format}")
+    return meta
+
+
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
     printable = (

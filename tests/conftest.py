@@ -24,6 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("TOKENBRIDGE_CACHE", REPO / ".cache"))
 ALL_TOKENIZERS = tuple(OFFLINE_TOKENIZERS)
+#: (teacher, student) pairs across families, SentencePiece and byte-level in both directions.
+CROSS_PAIRS = (
+    ("qwen3.6", "llama3"),
+    ("gpt2", "mistral-v1"),
+    ("mistral-v1", "gpt2"),
+    ("tekken", "qwen2"),
+    ("mistral-v3", "tekken"),
+    ("llama3", "mistral-v3"),
+    ("qwen2", "gpt2"),
+)
 
 
 @dataclass

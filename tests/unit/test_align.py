@@ -17,16 +17,8 @@ from tokenbridge.shared.align import (
 )
 from tokenbridge.shared.errors import AlignmentError
 
+from conftest import CROSS_PAIRS
 from texts import FIXED_SAMPLES, adversarial_text
-
-PAIRS = [
-    ("qwen3.6", "llama3"),
-    ("gpt2", "mistral-v1"),
-    ("mistral-v1", "gpt2"),
-    ("tekken", "qwen2"),
-    ("mistral-v3", "tekken"),
-    ("llama3", "mistral-v3"),
-]
 
 
 def _check_alignment(bank, teacher, student, text):
@@ -70,13 +62,13 @@ def _check_alignment(bank, teacher, student, text):
     assert 0.0 <= report.one_to_one_share <= 1.0
 
 
-@pytest.mark.parametrize(("teacher", "student"), PAIRS)
+@pytest.mark.parametrize(("teacher", "student"), CROSS_PAIRS)
 @pytest.mark.parametrize("text", FIXED_SAMPLES)
 def test_chunks_tile_both_sides_on_fixed_text(bank, teacher, student, text):
     _check_alignment(bank, teacher, student, text)
 
 
-@pytest.mark.parametrize(("teacher", "student"), PAIRS)
+@pytest.mark.parametrize(("teacher", "student"), CROSS_PAIRS)
 def test_chunks_tile_both_sides_on_adversarial_text(bank, teacher, student):
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(adversarial_text)

@@ -9,20 +9,11 @@ from tokenbridge.shared.align import align, encode_continuation, teacher_view, t
 from tokenbridge.shared.errors import ScoresShapeError
 from tokenbridge.shared.mapping import TeacherScores
 
+from conftest import CROSS_PAIRS
 from synthetic import synthetic_scores
 from texts import FIXED_SAMPLES
 
 TEXT = " ".join(FIXED_SAMPLES) + " The quick brown fox: 1234567 😀🫠 naïve café\n\tend"
-
-CROSS_PAIRS = [
-    ("qwen3.6", "llama3"),
-    ("gpt2", "mistral-v1"),
-    ("mistral-v1", "gpt2"),
-    ("tekken", "qwen2"),
-    ("mistral-v3", "tekken"),
-    ("llama3", "mistral-v3"),
-    ("qwen2", "gpt2"),
-]
 
 
 def _run(bank, teacher, student, text=TEXT, top_k=8, seed=0, eot=True):
