@@ -160,6 +160,61 @@ class PairMapper:
             for token_id, canonical in student.canonical_overrides.items():
                 self.student_canonical[token_id] = canonical
 
+    def _assign(
+        self, ids_NC: np.ndarray, consistent_NC: np.ndarray, offset_N: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Student token each consistent candidate's remaining bytes go to, by the §4 rule.
+
+        Returns the student id (-1 where the assignment is not exact) and whether the candidate
+        could be settled by following it into the next teacher position (a student token may
+        cross its end).
+        """
+        teacher, table = self.teacher, self.table
+        safe_NC = np.where(consistent_NC, ids_NC, 0)
+        starts_NC = teacher.starts[safe_NC]
+        lengths_NC = teacher.starts[safe_NC + 1] - starts_NC
+        remaining_NC = lengths_NC - offset_N[:, None]
+        has_bytes_NC = consistent_NC & (remaining_NC > 0)
+        flat_NC = np.where(has_bytes_NC, starts_NC + offset_N[:, None], 0)
+        target_NC = table.student_id[flat_NC].astype(np.int64)
+        match_NC = table.match_len[flat_NC]
+        crosses_NC = table.crosses[flat_NC]
+        exact_NC = (
+            has_bytes_NC
+            & (target_NC >= 0)
+            & ((match_NC == remaining_NC) | ((match_NC > 0) & ~crosses_NC))
+        )
+        target_NC = np.where(exact_NC, target_NC, -1)
+        # Special tokens spell no bytes; they map by role (rare, so only where they occur).
+        special_rows, special_cols = np.nonzero(consistent_NC & (lengths_NC == 0))
+        target_NC[special_rows, special_cols] = self.teacher_special_to_student[
+            ids_NC[special_rows, special_cols]
+        ]
+        return target_NC, has_bytes_NC & crosses_NC & ~exact_NC
+
+    @cached_property
+    def _boundary_assignment(self) -> tuple[np.ndarray, np.ndarray]:
+        """``_assign`` of every teacher id at offset 0, computed once per pair."""
+        teacher = self.teacher
+        ids = np.arange(teacher.size, dtype=np.int64)[:, None]
+        target, resolvable = self._assign(
+            ids, np.ones_like(ids, dtype=bool), np.zeros(len(ids), dtype=np.int64)
+        )
+        target, resolvable = target[:, 0], resolvable[:, 0]
+        if self.same_vocab:
+            # One tokenizer on both sides: a whole teacher token is itself a student token.
+            target = ids[:, 0].copy()
+            resolvable = np.zeros_like(resolvable)
+        return target, resolvable
+
+    @property
+    def _boundary_target(self) -> np.ndarray:
+        return self._boundary_assignment[0]
+
+    @property
+    def _boundary_resolvable(self) -> np.ndarray:
+        return self._boundary_assignment[1]
+
     @cached_property
     def trie(self) -> StudentTrie:
         """The student trie, built on the first crossing that needs it."""
@@ -310,7 +365,7 @@ class PairMapper:
         chain_logq_N: np.ndarray,
     ) -> _SparseRows:
         """The §4 rows of student positions ``rows_N`` (see the module docstring)."""
-        teacher, table = self.teacher, self.table
+        table = self.table
         m = len(teacher_ids)
         token_N, offset_N = self._boundaries(alignment, alignment.student_starts[rows_N])
         ids_NC, lps_NC, valid_NC = self._candidates(teacher_ids, scores, token_N)
@@ -321,46 +376,26 @@ class PairMapper:
         consistent_NC[inside_I] = self._consistent(
             ids_NC[inside_I], valid_NC[inside_I], actual_N[inside_I], offset_N[inside_I]
         )
-        probs_NC = np.where(valid_NC, np.exp(np.where(valid_NC, lps_NC, 0.0)), 0.0)
+        probs_NC = np.exp(np.where(valid_NC, lps_NC, -np.inf))
 
         known_N = probs_NC.sum(axis=1)
         tail_N = np.maximum(1.0 - known_N, 0.0)
         inconsistent_N = np.where(consistent_NC, 0.0, probs_NC).sum(axis=1)
-        at_boundary_N = offset_N == 0
         log_z_N = np.zeros(len(rows_N))
         log_z_N[inside_I] = _logsumexp_masked(lps_NC[inside_I], consistent_NC[inside_I])
 
+        # Where each candidate's mass goes. At a teacher boundary that depends on the candidate
+        # alone (precomputed per teacher id); inside a teacher token on the offset too.
         safe_NC = np.where(consistent_NC, ids_NC, 0)
-        starts_NC = teacher.starts[safe_NC]
-        lengths_NC = teacher.starts[safe_NC + 1] - starts_NC
-        remaining_NC = lengths_NC - offset_N[:, None]
-        has_bytes_NC = consistent_NC & (remaining_NC > 0)
-        flat_NC = np.where(has_bytes_NC, starts_NC + offset_N[:, None], 0)
-        target_NC = np.where(has_bytes_NC, table.student_id[flat_NC], -1)
-        match_NC = table.match_len[flat_NC]
-        crosses_NC = table.crosses[flat_NC]
-        special_map_V = self.teacher_special_to_student
-        if self.same_vocab:
-            # One tokenizer on both sides: a whole teacher token is itself a student token.
-            whole_NC = has_bytes_NC & at_boundary_N[:, None]
-            target_NC = np.where(whole_NC, ids_NC, target_NC)
-            match_NC = np.where(whole_NC, remaining_NC, match_NC)
-            special_map_V = np.where(teacher.special, np.arange(teacher.size), special_map_V)
-        exact_NC = (
-            has_bytes_NC
-            & (target_NC >= 0)
-            & ((match_NC == remaining_NC) | ((match_NC > 0) & ~crosses_NC))
-        )
-        # Special tokens spell no bytes; they map by role (rare, so only where they occur).
-        special_rows, special_cols = np.nonzero(consistent_NC & (lengths_NC == 0))
-        special_targets = special_map_V[ids_NC[special_rows, special_cols]]
-        target_NC = target_NC.astype(np.int64)
-        target_NC[special_rows, special_cols] = special_targets
-        exact_NC[special_rows, special_cols] = special_targets >= 0
+        target_NC = np.where(consistent_NC, self._boundary_target[safe_NC], -1)
+        resolvable_NC = consistent_NC & self._boundary_resolvable[safe_NC]
+        if len(inside_I):
+            inside = self._assign(ids_NC[inside_I], consistent_NC[inside_I], offset_N[inside_I])
+            target_NC[inside_I], resolvable_NC[inside_I] = inside
+        exact_NC = target_NC >= 0
         unresolved_NC = consistent_NC & ~exact_NC
         is_actual_NC = ids_NC == actual_N[:, None]
-        resolve_NC = unresolved_NC & is_actual_NC & has_bytes_NC & crosses_NC
-        resolve_NC &= (token_N + 1 < m)[:, None]
+        resolve_NC = resolvable_NC & is_actual_NC & (token_N + 1 < m)[:, None]
 
         unresolved_N = np.where(unresolved_NC & ~resolve_NC, probs_NC, 0.0).sum(axis=1)
         n_rows = len(rows_N)
@@ -417,49 +452,38 @@ class PairMapper:
             extra_rows.append(rows_e)
             extra_ids.append(ids_e)
             extra_mass.append(mass_e)
+        found = _SparseRows.empty(len(rows_N), top_k)
+        sampled_logq_N = np.full(n_rows, -np.inf)
+        mapped_N = np.zeros(n_rows)
+        widened = np.zeros(0, dtype=np.int64)
         if extra_rows:
+            # Rows with extra entries are ranked on their own, wider, so that the few of them do
+            # not widen every row.
             rows_e = np.concatenate(extra_rows)
             order = np.argsort(rows_e, kind="stable")
             rows_e = rows_e[order]
-            ids_e = np.concatenate(extra_ids)[order]
-            mass_e = np.concatenate(extra_mass)[order]
+            widened, local_e = np.unique(rows_e, return_inverse=True)
             slot_e = np.arange(len(rows_e)) - np.searchsorted(rows_e, rows_e, side="left")
-            extra_width = int(slot_e.max()) + 1 if len(slot_e) else 0
-            more_target = np.full((n_rows, extra_width), -1, dtype=np.int64)
-            more_mass = np.zeros((n_rows, extra_width))
-            more_target[rows_e, slot_e] = ids_e
-            more_mass[rows_e, slot_e] = mass_e
+            more_target = np.full((len(widened), int(slot_e.max()) + 1), -1, dtype=np.int64)
+            more_mass = np.zeros(more_target.shape)
+            more_target[local_e, slot_e] = np.concatenate(extra_ids)[order]
+            more_mass[local_e, slot_e] = np.concatenate(extra_mass)[order]
             with np.errstate(divide="ignore"):
-                more_logq = np.log(more_mass) - log_z_N[:, None]
-            target_NW = np.concatenate([target_NW, more_target], axis=1)
-            mass_NW = np.concatenate([mass_NW, more_mass], axis=1)
-            logq_NW = np.concatenate([logq_NW, more_logq], axis=1)
-        merged = _merge_rows(target_NW, mass_NW, logq_NW, log_z_N)
-        head_target_NW, head_mass_NW, head_logq_NW = merged
-        mapped_N = np.where(head_target_NW >= 0, head_mass_NW, 0.0).sum(axis=1)
-
-        # Rank within each row: most mass first, ties in the teacher's own column order (the
-        # heads already stand in that order).
-        rank_NW = np.argsort(
-            -np.where(head_target_NW >= 0, head_mass_NW, -1.0), axis=1, kind="stable"
-        )
-        keep = min(top_k, rank_NW.shape[1])
-        found = _SparseRows.empty(len(rows_N), top_k)
-        top_target = np.take_along_axis(head_target_NW, rank_NW[:, :keep], axis=1)
-        top_logq = np.take_along_axis(head_logq_NW, rank_NW[:, :keep], axis=1)
-        found.topk_ids[:, :keep] = top_target
-        found.topk_logprobs[:, :keep] = np.where(top_target >= 0, top_logq, -np.inf)
-
-        # The sampled token always appears: in the last column when it is not among the top K.
-        in_top_N = (top_target == sampled_N[:, None]).any(axis=1)
-        is_sampled_NW = head_target_NW == sampled_N[:, None]
-        sampled_logq_N = np.where(
-            is_sampled_NW.any(axis=1),
-            head_logq_NW[np.arange(n_rows), is_sampled_NW.argmax(axis=1)],
-            -np.inf,
-        )
-        found.topk_ids[~in_top_N, top_k] = sampled_N[~in_top_N]
-        found.topk_logprobs[~in_top_N, top_k] = sampled_logq_N[~in_top_N]
+                more_logq = np.log(more_mass) - log_z_N[widened][:, None]
+            _rank_rows(
+                np.concatenate([target_NW[widened], more_target], axis=1),
+                np.concatenate([mass_NW[widened], more_mass], axis=1),
+                np.concatenate([logq_NW[widened], more_logq], axis=1),
+                log_z_N[widened], sampled_N[widened], top_k, found, widened, sampled_logq_N,
+                mapped_N,
+            )  # fmt: skip
+        plain = np.ones(n_rows, dtype=bool)
+        plain[widened] = False
+        plain_rows = np.flatnonzero(plain)
+        _rank_rows(
+            target_NW[plain_rows], mass_NW[plain_rows], logq_NW[plain_rows], log_z_N[plain_rows],
+            sampled_N[plain_rows], top_k, found, plain_rows, sampled_logq_N, mapped_N,
+        )  # fmt: skip
         found.z[:] = np.exp(log_z_N)
         found.mapped[:] = mapped_N
         found.tail[:] = tail_N
@@ -556,6 +580,41 @@ class PairMapper:
             weight_RC[entry_row, entry_col],
             lost,
         )
+
+
+def _rank_rows(
+    target_NW: np.ndarray,
+    mass_NW: np.ndarray,
+    logq_NW: np.ndarray,
+    log_z_N: np.ndarray,
+    sampled_N: np.ndarray,
+    top_k: int,
+    found: _SparseRows,
+    rows: np.ndarray,
+    sampled_logq: np.ndarray,
+    mapped: np.ndarray,
+) -> None:
+    """Merge, rank and cut rows to the top K plus the sampled token; write them at ``rows``."""
+    head_target_NW, head_mass_NW, head_logq_NW = _merge_rows(target_NW, mass_NW, logq_NW, log_z_N)
+    mapped[rows] = np.where(head_target_NW >= 0, head_mass_NW, 0.0).sum(axis=1)
+    # Most mass first, ties in the teacher's own column order (the heads stand in that order).
+    rank_NW = np.argsort(-np.where(head_target_NW >= 0, head_mass_NW, -1.0), axis=1, kind="stable")
+    keep = min(top_k, rank_NW.shape[1])
+    top_target = np.take_along_axis(head_target_NW, rank_NW[:, :keep], axis=1)
+    top_logq = np.take_along_axis(head_logq_NW, rank_NW[:, :keep], axis=1)
+    found.topk_ids[rows, :keep] = top_target
+    found.topk_logprobs[rows, :keep] = np.where(top_target >= 0, top_logq, -np.inf)
+    # The sampled token always appears: in the last column when it is not among the top K.
+    is_sampled_NW = head_target_NW == sampled_N[:, None]
+    row_logq = np.where(
+        is_sampled_NW.any(axis=1),
+        head_logq_NW[np.arange(len(rows)), is_sampled_NW.argmax(axis=1)],
+        -np.inf,
+    )
+    sampled_logq[rows] = row_logq
+    missing = ~(top_target == sampled_N[:, None]).any(axis=1)
+    found.topk_ids[rows[missing], top_k] = sampled_N[missing]
+    found.topk_logprobs[rows[missing], top_k] = row_logq[missing]
 
 
 def _merge_rows(
