@@ -210,6 +210,7 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout, progress: TextIO = sy
     progress.write(f"counting a bigram teacher on {config.corpus_chars:,} characters ...\n")
     corpus = shakespeare(config.corpus_chars)
     results: dict[str, Any] = {"text": config.text, "prompt": config.prompt, "pairs": []}
+    teachers: dict[str, BigramTeacher] = {}
     for pair in config.pairs:
         teacher_name, student_name = pair.split(":")
         t_tok, t_voc = loaded[teacher_name]
@@ -220,7 +221,9 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout, progress: TextIO = sy
         view = teacher_view(student_ids, s_voc, t_tok, t_voc)
         alignment = align(token_widths(s_voc, student_ids), view.widths)
         context = t_tok.encode(config.prompt, add_special_tokens=False)[-1]
-        teacher_model = BigramTeacher(t_tok, t_voc, corpus)
+        if teacher_name not in teachers:
+            teachers[teacher_name] = BigramTeacher(t_tok, t_voc, corpus)
+        teacher_model = teachers[teacher_name]
         scores = teacher_model.score(context, view.ids, config.teacher_top_k)
         mapped = mapper.map(
             student_ids, view.ids, alignment, scores, config.top_k, view.untiled_bytes
