@@ -62,13 +62,17 @@ class SeedTargets(NamedTuple):
     """Result of ``seed_align_and_targets``.
 
     ``targets``: the semantic-prior log-prob target of every student token (NaN where the token
-    is in no chunk); ``aligned``: which student tokens are in a chunk; ``num_chunks``: number of
-    chunks found.
+    is in no chunk); ``aligned``: which student tokens are in a chunk; ``chunks``: the chunks found.
     """
 
     targets: np.ndarray
     aligned: np.ndarray
-    num_chunks: int
+    chunks: list[SeedChunk]
+
+    @property
+    def num_chunks(self) -> int:
+        """Number of chunks found."""
+        return len(self.chunks)
 
 
 def _ids(values: Sequence[int] | np.ndarray, what: str) -> list[int]:
@@ -173,7 +177,7 @@ def seed_align_and_targets(
 
     ``teacher_logprobs[k]`` is the teacher's log-prob of its token ``teacher_ids[k]``;
     ``student_logprobs[i]`` the student's log-prob of ``student_ids[i]``. Returns
-    ``SeedTargets(targets, aligned, num_chunks)``: targets are NaN for student tokens that got no
+    ``SeedTargets(targets, aligned, chunks)``: targets are NaN for student tokens that got no
     signal.
     """
     if len(teacher_logprobs) != len(teacher_ids):
@@ -182,4 +186,4 @@ def seed_align_and_targets(
         raise ValueError("need one student log-prob per student token")
     chunks = seed_align(student_ids, teacher_ids, student_tok, teacher_tok, max_window)
     targets, aligned = semantic_prior_targets(chunks, teacher_logprobs, student_logprobs)
-    return SeedTargets(targets=targets, aligned=aligned, num_chunks=len(chunks))
+    return SeedTargets(targets=targets, aligned=aligned, chunks=chunks)

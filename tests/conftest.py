@@ -19,9 +19,11 @@ from tokenbridge.shared.cache import TableCache
 from tokenbridge.shared.mapping import PairMapper
 from tokenbridge.shared.vocab import Vocab
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 REPO = Path(__file__).resolve().parents[1]
+# Test helpers (synthetic, texts) import by name; bench modules as ``bench.<name>``.
+for _path in (Path(__file__).resolve().parent, REPO):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 CACHE_DIR = Path(os.environ.get("TOKENBRIDGE_CACHE", REPO / ".cache"))
 ALL_TOKENIZERS = tuple(OFFLINE_TOKENIZERS)
 #: (teacher, student) pairs across families, SentencePiece and byte-level in both directions.

@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from functools import cache
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench.seed_style import (  # noqa: E402
-    SeedChunk,
-    seed_align,
-    seed_align_and_targets,
-    semantic_prior_targets,
-)
-from tokenbridge.hub import load_tokenizer  # noqa: E402
-from tokenbridge.shared.align import encode_continuation, teacher_view  # noqa: E402
-from tokenbridge.shared.vocab import build_vocab  # noqa: E402
-
-CACHE_DIR = Path("/work/main/.cache")
+from bench.seed_style import SeedChunk, seed_align, seed_align_and_targets, semantic_prior_targets
+from tokenbridge.shared.align import encode_continuation, teacher_view
 
 TEXT = (
     "To be, or not to be, that is the question:\n"
@@ -33,19 +15,13 @@ TEXT = (
 )
 
 
-@cache
-def tokenizer(name: str) -> Any:
-    """A real offline tokenizer, loaded once per test session."""
-    return load_tokenizer(name, CACHE_DIR)
-
-
 def logprobs(count: int, seed: int) -> np.ndarray:
     """Random negative log-probs, as a model would give."""
     return np.log(np.random.default_rng(seed).uniform(0.02, 1.0, size=count))
 
 
-def test_identical_tokenizers_align_one_to_one_with_the_semantic_prior() -> None:
-    tok = tokenizer("gpt2")
+def test_identical_tokenizers_align_one_to_one_with_the_semantic_prior(bank) -> None:
+    tok = bank.tokenizer("gpt2")
     ids = tok.encode(TEXT, add_special_tokens=False)
     teacher_lp, student_lp = logprobs(len(ids), 1), logprobs(len(ids), 2)
 
@@ -59,8 +35,8 @@ def test_identical_tokenizers_align_one_to_one_with_the_semantic_prior() -> None
     np.testing.assert_allclose(result.targets, teacher_lp, rtol=1e-12)
 
 
-def test_partial_utf8_is_treated_as_incomplete() -> None:
-    tok = tokenizer("gpt2")
+def test_partial_utf8_is_treated_as_incomplete(bank) -> None:
+    tok = bank.tokenizer("gpt2")
     ids = tok.encode("ok 😀 done", add_special_tokens=False)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # the emoji is split across tokens
 
@@ -85,9 +61,9 @@ def test_semantic_prior_over_a_many_to_one_chunk() -> None:
     assert targets[:2].sum() == pytest.approx(teacher_lp[0])
 
 
-def test_gpt2_to_mistral_v1_loses_most_tokens_to_the_leading_space_hole() -> None:
-    teacher_tok, student_tok = tokenizer("gpt2"), tokenizer("mistral-v1")
-    teacher, student = build_vocab(teacher_tok, "gpt2"), build_vocab(student_tok, "mistral-v1")
+def test_gpt2_to_mistral_v1_loses_most_tokens_to_the_leading_space_hole(bank) -> None:
+    teacher_tok, student_tok = bank.tokenizer("gpt2"), bank.tokenizer("mistral-v1")
+    teacher, student = bank.vocab("gpt2"), bank.vocab("mistral-v1")
     student_ids = encode_continuation(student_tok, student, TEXT)
     view = teacher_view(student_ids, student, teacher_tok, teacher)
     assert view.untiled_bytes == 0
@@ -105,7 +81,7 @@ def test_gpt2_to_mistral_v1_loses_most_tokens_to_the_leading_space_hole() -> Non
 
     assert float(result.aligned.mean()) < 0.5
     # Only chunks not preceded by a space can match (punctuation, newlines, word pieces).
-    for chunk in seed_align(student_ids, view.ids, student_tok, teacher_tok):
+    for chunk in result.chunks:
         assert not student.bytes_of(
             student_ids[chunk.student_start : chunk.student_end]
         ).startswith(b" ")
