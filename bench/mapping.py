@@ -14,7 +14,6 @@ line of stdout is ``{"benchmark": "mapping", "machine": ..., "pairs": [...]}``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -33,6 +32,7 @@ for _extra in (REPO_ROOT / "tests", REPO_ROOT / "bench"):
     if str(_extra) not in sys.path:
         sys.path.insert(0, str(_extra))
 
+from tokenbridge.demo import shakespeare_dir  # noqa: E402
 from tokenbridge.hub import load_tokenizer  # noqa: E402
 from tokenbridge.shared.align import (  # noqa: E402
     align,
@@ -45,7 +45,7 @@ from tokenbridge.shared.mapping import PairMapper  # noqa: E402
 from tokenbridge.shared.tables import PairTable, StudentTrie, build_pair_table  # noqa: E402
 from tokenbridge.shared.vocab import Vocab, build_vocab  # noqa: E402
 
-from seed_style import SeedChunk, seed_align, seed_align_and_targets  # noqa: E402
+from seed_style import SeedChunk, seed_align_and_targets  # noqa: E402
 from synthetic import PrefixNeighbours, synthetic_scores  # noqa: E402
 
 #: (teacher, student) offline tokenizer names.
@@ -71,11 +71,7 @@ def log(message: str) -> None:
 
 def shakespeare_text(name: str = TEXT_FILE) -> str:
     """The text of one play from the ``shakespeare`` package's data (``shksprdata/texts``)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the `shakespeare` package (module shksprdata) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "texts" / name
-    text = path.read_text(encoding="utf-8")
+    text = (shakespeare_dir() / name).read_text(encoding="utf-8")
     start = text.find(TEXT_START_MARKER)
     return text[start:] if start >= 0 else text
 
@@ -121,11 +117,7 @@ def build_table_timed(teacher: Vocab, student: Vocab) -> tuple[PairTable, float]
 def load_table_timed(teacher: Vocab, student: Vocab, table: PairTable) -> float:
     """Store ``table`` in a fresh temporary cache; time ``TableCache.pair_table`` loading it."""
     with tempfile.TemporaryDirectory(prefix="tokenbridge-bench-") as root:
-        cache = TableCache(root)
-        path = cache.pair_path(teacher, student)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as stream:
-            np.savez(stream, **table.to_arrays())
+        TableCache(root).save_pair_table(table)
         started = time.perf_counter()
         loaded = TableCache(root).pair_table(teacher, student)
         elapsed = time.perf_counter() - started
@@ -212,10 +204,8 @@ def bench_pair(
         student_ids, view.ids, student_tok, teacher_tok, scores.actual_logprobs_T, student_logprobs
     )
     seed_s = time.perf_counter() - started
-    # Again, untimed, for the chunks themselves (the timed call returns only their count).
-    seed_chunks = seed_align(student_ids, view.ids, student_tok, teacher_tok)
     seed_in_place = seed_in_place_share(
-        seed_chunks, token_widths(student, student_ids), view.widths, len(student_ids)
+        seed.chunks, token_widths(student, student_ids), view.widths, len(student_ids)
     )
 
     n = len(student_ids)

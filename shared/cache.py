@@ -77,7 +77,10 @@ class TableCache:
 
     def pair_path(self, teacher: Vocab, student: Vocab) -> Path:
         """Where the pair table of ``teacher`` × ``student`` lives."""
-        return self.root / "pairs" / f"{teacher.content_hash}-{student.content_hash}.npz"
+        return self._pair_path(teacher.content_hash, student.content_hash)
+
+    def _pair_path(self, teacher_hash: str, student_hash: str) -> Path:
+        return self.root / "pairs" / f"{teacher_hash}-{student_hash}.npz"
 
     def pair_table(self, teacher: Vocab, student: Vocab) -> PairTable:
         """The §4 table of ``teacher`` × ``student``, built once and then read from disk."""
@@ -94,5 +97,11 @@ class TableCache:
             except (KeyError, ValueError):
                 pass
         table = build_pair_table(teacher, student)
-        self._store(path, table.to_arrays())
+        self.save_pair_table(table)
         return table
+
+    def save_pair_table(self, table: PairTable) -> Path:
+        """Store ``table`` under its pair of content hashes; return where it went."""
+        path = self._pair_path(table.teacher_hash, table.student_hash)
+        self._store(path, table.to_arrays())
+        return path

