@@ -13,6 +13,7 @@ the number of tokens and vectorised with numpy.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,20 +45,13 @@ _SENTINELS = ("\n", "\n\n", ".", "a")
 
 
 _METASPACE = "\u2581"
+# Bytes that are not UTF-8, as ``surrogateescape`` decodes them (U+DC80..U+DCFF).
+_INVALID_RUNS = re.compile("([\udc80-\udcff]+)")
 
 
-def _spelled(vocab: Vocab, ids: Sequence[int]) -> bytes:
-    return vocab.bytes_of(ids)
-
-
-def _byte_pieces(vocab: Vocab, data: bytes) -> list[int]:
-    ids = []
-    for value in data:
-        token_id = vocab.id_of_bytes.get(bytes([value]))
-        if token_id is None:
-            raise AlignmentError(f"tokenizer {vocab.name!r} has no token for the byte {value:#04x}")
-        ids.append(token_id)
-    return ids
+def _byte_tokens(vocab: Vocab, data: bytes) -> list[int | None]:
+    """The single-byte token of each byte (byte-level pieces, ``<0xNN>``), None where missing."""
+    return [vocab.id_of_bytes.get(bytes([value])) for value in data]
 
 
 def encode_continuation(tokenizer: Any, vocab: Vocab, text: str) -> list[int]:
@@ -74,24 +68,24 @@ def encode_continuation(tokenizer: Any, vocab: Vocab, text: str) -> list[int]:
         ids: list[int] = []
         for index, piece in enumerate(text.split(_METASPACE)):
             if index:
-                ids.extend(_byte_pieces(vocab, _METASPACE.encode()))
+                pieces = _byte_tokens(vocab, _METASPACE.encode())
+                if None in pieces:
+                    raise AlignmentError(f"tokenizer {vocab.name!r} cannot spell a literal ▁")
+                ids.extend(p for p in pieces if p is not None)
             ids.extend(encode_continuation(tokenizer, vocab, piece))
         return ids
     target = text.encode("utf-8")
     ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    if _spelled(vocab, ids) == target:
+    if vocab.bytes_of(ids) == target:
         return list(ids)
     for sentinel in _SENTINELS:
         ids = tokenizer.encode(sentinel + text, add_special_tokens=False, split_special_tokens=True)
-        spelled = 0
-        lengths = vocab.lengths
-        for cut, token_id in enumerate(ids):
-            spelled += int(lengths[token_id])
-            if spelled >= len(sentinel.encode()):
-                rest = list(ids[cut + 1 :])
-                if _spelled(vocab, rest) == target:
-                    return rest
-                break
+        # Drop the tokens up to the first one that reaches past the sentinel's bytes.
+        reach = np.cumsum(vocab.lengths[np.asarray(ids, dtype=np.int64)])
+        cut = int(np.searchsorted(reach, len(sentinel.encode()))) + 1
+        rest = list(ids[cut:])
+        if vocab.bytes_of(rest) == target:
+            return rest
     raise AlignmentError(
         f"tokenizer {vocab.name!r} cannot encode {text[:40]!r}... so that its tokens spell the "
         "same bytes (a normaliser changes the text?)"
@@ -132,27 +126,17 @@ class TeacherView:
 
 
 def _split_utf8(data: bytes) -> list[tuple[bool, bytes]]:
-    """Cut ``data`` into (is_text, run) pieces: valid UTF-8 runs and invalid byte runs."""
-    pieces: list[tuple[bool, bytes]] = []
-    position = 0
-    while position < len(data):
-        try:
-            data[position:].decode("utf-8")
-            pieces.append((True, data[position:]))
-            break
-        except UnicodeDecodeError as error:
-            if error.start:
-                pieces.append((True, data[position : position + error.start]))
-            bad_end = position + max(error.end, error.start + 1)
-            pieces.append((False, data[position + error.start : bad_end]))
-            position = bad_end
-    merged: list[tuple[bool, bytes]] = []
-    for is_text, run in pieces:
-        if merged and merged[-1][0] == is_text:
-            merged[-1] = (is_text, merged[-1][1] + run)
-        else:
-            merged.append((is_text, run))
-    return merged
+    """Cut ``data`` into (is_text, run) pieces: valid UTF-8 runs and invalid byte runs.
+
+    ``surrogateescape`` turns each invalid byte into a lone surrogate, which valid UTF-8 never
+    decodes to, so one decode and one split find every run.
+    """
+    decoded = data.decode("utf-8", errors="surrogateescape")
+    return [
+        (_INVALID_RUNS.fullmatch(run) is None, run.encode("utf-8", errors="surrogateescape"))
+        for run in _INVALID_RUNS.split(decoded)
+        if run
+    ]
 
 
 def teacher_view(
@@ -177,44 +161,32 @@ def teacher_view(
         )
     specials = special_token_map(student, teacher) if specials is None else specials
     out_ids: list[int] = []
-    out_widths: list[int] = []
-    untiled = 0
     token_bytes = student.token_bytes
     pending: list[bytes] = []
 
     def flush() -> None:
-        nonlocal untiled
         if not pending:
             return
         data = b"".join(pending)
         pending.clear()
         for is_text, run in _split_utf8(data):
             if is_text:
-                for token_id in encode_continuation(teacher_tokenizer, teacher, run.decode()):
-                    out_ids.append(token_id)
-                    out_widths.append(int(teacher.lengths[token_id]))
-                continue
-            for value in run:
-                byte_token = teacher.id_of_bytes.get(bytes([value]))
-                out_ids.append(GAP_ID if byte_token is None else byte_token)
-                out_widths.append(1)
-                untiled += byte_token is None
+                out_ids.extend(encode_continuation(teacher_tokenizer, teacher, run.decode()))
+            else:
+                out_ids.extend(GAP_ID if t is None else t for t in _byte_tokens(teacher, run))
 
     for student_id in ids_array.tolist():
         if student.special[student_id]:
             flush()
-            mapped = specials.get(student_id)
-            out_ids.append(GAP_ID if mapped is None else mapped)
-            out_widths.append(1)
-            untiled += mapped is None
+            out_ids.append(specials.get(student_id, GAP_ID))
         else:
             pending.append(token_bytes[student_id])
     flush()
-    return TeacherView(
-        ids=np.asarray(out_ids, dtype=np.int64),
-        widths=np.asarray(out_widths, dtype=np.int64),
-        untiled_bytes=untiled,
-    )
+    ids = np.asarray(out_ids, dtype=np.int64)
+    gaps = ids == GAP_ID
+    # Every gap stands for one byte or one special token: one virtual byte wide.
+    widths = np.where(gaps, 1, token_widths(teacher, np.where(gaps, 0, ids)))
+    return TeacherView(ids=ids, widths=widths, untiled_bytes=int(gaps.sum()))
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ class Vocab:
 
     ``starts``/``flat`` hold every token's bytes back to back (special tokens are empty);
     ``special`` marks tokens that stand for no text; ``roles`` names the special ids by role;
-    ``canonical`` maps each byte string held by several ids to the id the tokenizer itself emits.
+    ``canonical_overrides`` maps each id whose byte string several ids share to the id the
+    tokenizer itself emits for those bytes.
     """
 
     name: str
@@ -148,16 +149,6 @@ class Vocab:
             table[self.token_bytes[token_id]] = canonical
         return table
 
-    @cached_property
-    def role_of(self) -> dict[int, str]:
-        """The role of each special id that has one (the first listed in ``ROLES`` wins)."""
-        found: dict[int, str] = {}
-        for role in reversed(ROLES):
-            token_id = self.roles.get(role)
-            if token_id is not None:
-                found[token_id] = role
-        return found
-
     def bytes_of(self, ids: Sequence[int] | np.ndarray) -> bytes:
         """Concatenated bytes of ``ids`` (special tokens contribute nothing)."""
         token_bytes = self.token_bytes
@@ -177,17 +168,13 @@ class Vocab:
             "flat": self.flat,
             "starts": self.starts,
             "special": self.special,
-            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            "meta": meta_to_array(meta),
         }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Vocab:
         """Inverse of ``to_arrays``."""
-        meta = json.loads(np.asarray(arrays["meta"], dtype=np.uint8).tobytes())
-        if meta.get("format") != VOCAB_FORMAT:
-            raise ValueError(
-                f"vocabulary arrays of format {meta.get('format')}, need {VOCAB_FORMAT}"
-            )
+        meta = meta_from_arrays(arrays, VOCAB_FORMAT)
         return cls(
             name=meta["name"],
             flat=np.asarray(arrays["flat"], dtype=np.uint8),

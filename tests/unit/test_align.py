@@ -126,6 +126,25 @@ def test_cut_utf8_character_is_spelled_with_teacher_byte_tokens(bank):
     align(token_widths(student, np.array(cut)), view.widths)
 
 
+def test_text_after_invalid_bytes_is_encoded_as_text(bank):
+    """Only the invalid bytes take single-byte tokens; valid text on either side is encoded."""
+    teacher = bank.vocab("llama3")
+    t_tok = bank.tokenizer("llama3")
+    emoji = "🫠".encode()
+    data = b"ok " + emoji[:2] + "🎉 done é".encode()
+    student = bank.vocab("gpt2")
+    # Spell the bytes with GPT-2's single-byte tokens, so the student ids hold the cut character.
+    ids = [student.id_of_bytes[bytes([b])] for b in data]
+    view = teacher_view(ids, student, t_tok, teacher)
+    expected = [
+        *encode_continuation(t_tok, teacher, "ok "),
+        *(teacher.id_of_bytes[bytes([b])] for b in emoji[:2]),
+        *encode_continuation(t_tok, teacher, "🎉 done é"),
+    ]
+    assert view.ids.tolist() == expected
+    assert view.untiled_bytes == 0
+
+
 def test_special_tokens_are_matched_by_role(bank):
     student, teacher = bank.vocab("qwen3.6"), bank.vocab("llama3")
     mapping = special_token_map(student, teacher)
