@@ -26,8 +26,8 @@ about token ``j`` given everything before it):
   bytes) and ``tail_mass`` (outside the top-K); these four add up to 1. ``topk_logprobs`` are
   ``log(mass / z)``.
 
-Everything is vectorised over positions and candidates with numpy; the one loop is over the rare
-rows where a student token may cross the actual teacher token's end.
+Everything is vectorised over positions and candidates with numpy, the crossings included (they
+walk the student trie like the table build does).
 """
 
 from __future__ import annotations
@@ -129,6 +129,41 @@ class _SparseRows:
         )
 
 
+def _probs(logprobs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Probabilities of the valid entries, 0 elsewhere."""
+    return np.exp(np.where(valid, logprobs, -np.inf))
+
+
+@dataclass(frozen=True)
+class _Path:
+    """The teacher's actual path through a completion, worked out once per call.
+
+    ``safe_ids``: teacher ids with gaps replaced by 0 (safe to index with); ``logprobs_T``: the
+    actual tokens' log-probs, 0 at gaps; ``cumulative_T``: their running sum, with a leading 0.
+    """
+
+    ids: np.ndarray
+    gap_T: np.ndarray
+    safe_ids: np.ndarray
+    logprobs_T: np.ndarray
+    cumulative_T: np.ndarray
+
+    @classmethod
+    def of(cls, teacher_ids: np.ndarray, scores: TeacherScores) -> _Path:
+        """The path of ``teacher_ids`` under ``scores`` (shapes checked)."""
+        ids = np.asarray(teacher_ids, dtype=np.int64)
+        scores.check(len(ids))
+        gap_T = ids == GAP_ID
+        logprobs_T = np.where(gap_T, 0.0, scores.actual_logprobs_T.astype(np.float64, copy=False))
+        return cls(
+            ids=ids,
+            gap_T=gap_T,
+            safe_ids=np.where(gap_T, 0, ids),
+            logprobs_T=logprobs_T,
+            cumulative_T=np.concatenate([[0.0], np.cumsum(logprobs_T)]),
+        )
+
+
 def _logsumexp_masked(logprobs_NC: np.ndarray, mask_NC: np.ndarray) -> np.ndarray:
     masked = np.where(mask_NC, logprobs_NC, -np.inf)
     peak = masked.max(axis=1)
@@ -207,14 +242,6 @@ class PairMapper:
             resolvable = np.zeros_like(resolvable)
         return target, resolvable
 
-    @property
-    def _boundary_target(self) -> np.ndarray:
-        return self._boundary_assignment[0]
-
-    @property
-    def _boundary_resolvable(self) -> np.ndarray:
-        return self._boundary_assignment[1]
-
     @cached_property
     def trie(self) -> StudentTrie:
         """The student trie, built on the first crossing that needs it."""
@@ -271,28 +298,31 @@ class PairMapper:
         self, alignment: Alignment, teacher_ids: np.ndarray, scores: TeacherScores
     ) -> TelescopedLogprobs:
         """Telescoped teacher log-prob of every student token (§3)."""
-        teacher_ids = np.asarray(teacher_ids, dtype=np.int64)
-        m = len(teacher_ids)
-        scores.check(m)
+        return self._telescoped(alignment, _Path.of(teacher_ids, scores), scores)
+
+    def _telescoped(
+        self, alignment: Alignment, path: _Path, scores: TeacherScores
+    ) -> TelescopedLogprobs:
+        m = len(path.ids)
         n = len(alignment.student_starts)
-        gap_T = teacher_ids == GAP_ID
         num_chunks = alignment.num_chunks
-        bad_chunk_C = np.bincount(alignment.teacher_chunk[gap_T], minlength=num_chunks) > 0
+        bad_chunk_C = np.bincount(alignment.teacher_chunk[path.gap_T], minlength=num_chunks) > 0
         scored_S = ~bad_chunk_C[alignment.student_chunk] if n else np.zeros(0, dtype=bool)
 
-        path_T = np.where(gap_T, 0.0, scores.actual_logprobs_T.astype(np.float64, copy=False))
+        path_T = path.logprobs_T
         points = np.concatenate([alignment.student_starts, alignment.student_ends[-1:]])
         token_P, offset_P = self._boundaries(alignment, points)
         inside_P = np.flatnonzero(offset_P > 0)
         partial_P = np.zeros(len(points), dtype=np.float64)
         if len(inside_P):
             rows = token_P[inside_P]
-            safe_ids = np.where(gap_T, 0, teacher_ids)
-            ids_NC, lps_NC, valid_NC = self._candidates(safe_ids, scores, rows)
-            consistent_NC = self._consistent(ids_NC, valid_NC, safe_ids[rows], offset_P[inside_P])
+            ids_NC, lps_NC, valid_NC = self._candidates(path.safe_ids, scores, rows)
+            consistent_NC = self._consistent(
+                ids_NC, valid_NC, path.safe_ids[rows], offset_P[inside_P]
+            )
             partial_P[inside_P] = _logsumexp_masked(lps_NC, consistent_NC)
 
-        cumulative = np.concatenate([[0.0], np.cumsum(path_T)])
+        cumulative = path.cumulative_T
         k_start, k_end = token_P[:-1], token_P[1:]
         span = k_end - k_start
         whole = cumulative[k_end] - cumulative[k_start]
@@ -323,8 +353,8 @@ class PairMapper:
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         student_ids = np.asarray(student_ids, dtype=np.int64)
-        teacher_ids = np.asarray(teacher_ids, dtype=np.int64)
-        telescoped = self.telescoped(alignment, teacher_ids, scores)
+        path = _Path.of(teacher_ids, scores)
+        telescoped = self._telescoped(alignment, path, scores)
         n = len(student_ids)
         scored_S = telescoped.scored_S
         rows_S = np.flatnonzero(scored_S)
@@ -333,7 +363,7 @@ class PairMapper:
         rows = _SparseRows.empty(n, top_k)
         if len(rows_S):
             found = self._sparse(
-                student_ids, teacher_ids, alignment, scores, top_k, rows_S,
+                student_ids, path, alignment, scores, top_k, rows_S,
                 telescoped.logprobs_S[rows_S],
             )  # fmt: skip
             for name in _SparseRows.__dataclass_fields__:
@@ -357,7 +387,7 @@ class PairMapper:
     def _sparse(
         self,
         student_ids: np.ndarray,
-        teacher_ids: np.ndarray,
+        path: _Path,
         alignment: Alignment,
         scores: TeacherScores,
         top_k: int,
@@ -365,7 +395,7 @@ class PairMapper:
         chain_logq_N: np.ndarray,
     ) -> _SparseRows:
         """The §4 rows of student positions ``rows_N`` (see the module docstring)."""
-        table = self.table
+        teacher_ids = path.ids
         m = len(teacher_ids)
         token_N, offset_N = self._boundaries(alignment, alignment.student_starts[rows_N])
         ids_NC, lps_NC, valid_NC = self._candidates(teacher_ids, scores, token_N)
@@ -376,7 +406,7 @@ class PairMapper:
         consistent_NC[inside_I] = self._consistent(
             ids_NC[inside_I], valid_NC[inside_I], actual_N[inside_I], offset_N[inside_I]
         )
-        probs_NC = np.exp(np.where(valid_NC, lps_NC, -np.inf))
+        probs_NC = _probs(lps_NC, valid_NC)
 
         known_N = probs_NC.sum(axis=1)
         tail_N = np.maximum(1.0 - known_N, 0.0)
@@ -386,9 +416,10 @@ class PairMapper:
 
         # Where each candidate's mass goes. At a teacher boundary that depends on the candidate
         # alone (precomputed per teacher id); inside a teacher token on the offset too.
+        boundary_target, boundary_resolvable = self._boundary_assignment
         safe_NC = np.where(consistent_NC, ids_NC, 0)
-        target_NC = np.where(consistent_NC, self._boundary_target[safe_NC], -1)
-        resolvable_NC = consistent_NC & self._boundary_resolvable[safe_NC]
+        target_NC = np.where(consistent_NC, boundary_target[safe_NC], -1)
+        resolvable_NC = consistent_NC & boundary_resolvable[safe_NC]
         if len(inside_I):
             inside = self._assign(ids_NC[inside_I], consistent_NC[inside_I], offset_N[inside_I])
             target_NC[inside_I], resolvable_NC[inside_I] = inside
@@ -423,9 +454,7 @@ class PairMapper:
             # With a truncated top-K the chain's last factor is a lower bound: up to the path
             # product times that position's tail may continue too. That much is unresolved.
             uncertain = np.minimum(
-                self._chain_tail(
-                    alignment, teacher_ids, scores, rows_N[chain_rows], token_N[chain_rows]
-                ),
+                self._chain_tail(alignment, path, scores, rows_N[chain_rows], token_N[chain_rows]),
                 available - moved,
             )
             unresolved_N[chain_rows] += uncertain
@@ -444,7 +473,7 @@ class PairMapper:
 
         resolved = self._resolve_crossings(
             np.flatnonzero(resolve_NC.any(axis=1)), resolve_NC, ids_NC, probs_NC, token_N,
-            offset_N, teacher_ids, scores, table,
+            offset_N, path, scores,
         )  # fmt: skip
         if resolved is not None:
             rows_e, ids_e, mass_e, lost_e = resolved
@@ -495,7 +524,7 @@ class PairMapper:
     def _chain_tail(
         self,
         alignment: Alignment,
-        teacher_ids: np.ndarray,
+        path: _Path,
         scores: TeacherScores,
         rows: np.ndarray,
         token_R: np.ndarray,
@@ -507,13 +536,10 @@ class PairMapper:
         inside = end_offset > 0
         if not inside.any():
             return np.zeros(len(rows))
-        path_T = np.where(teacher_ids == GAP_ID, 0.0, scores.actual_logprobs_T)
-        cumulative = np.concatenate([[0.0], np.cumsum(path_T)])
-        product = np.exp(cumulative[end_token] - cumulative[token_R])
-        holder = np.minimum(end_token, len(teacher_ids) - 1)
-        safe_ids = np.where(teacher_ids == GAP_ID, 0, teacher_ids)
-        _, lps, valid = self._candidates(safe_ids, scores, holder)
-        known = np.where(valid, np.exp(np.where(valid, lps, 0.0)), 0.0).sum(axis=1)
+        product = np.exp(path.cumulative_T[end_token] - path.cumulative_T[token_R])
+        holder = np.minimum(end_token, len(path.ids) - 1)
+        _, lps, valid = self._candidates(path.safe_ids, scores, holder)
+        known = _probs(lps, valid).sum(axis=1)
         return np.where(inside, product * np.maximum(1.0 - known, 0.0), 0.0)
 
     def _resolve_crossings(
@@ -524,9 +550,8 @@ class PairMapper:
         probs_NC: np.ndarray,
         token_N: np.ndarray,
         offset_N: np.ndarray,
-        teacher_ids: np.ndarray,
+        path: _Path,
         scores: TeacherScores,
-        table: PairTable,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Follow the actual teacher token into the next position when a student token may cross.
 
@@ -543,12 +568,9 @@ class PairMapper:
         actual_R = ids_NC[rows, column_R]
         next_R = token_N[rows] + 1
         offset_R = offset_N[rows]
-        safe_ids = np.where(teacher_ids == GAP_ID, 0, teacher_ids)
-        next_ids, next_lps, next_valid = self._candidates(safe_ids, scores, next_R)
-        next_valid &= (teacher_ids[next_R] != GAP_ID)[:, None]
-        weight_RC = base_R[:, None] * np.where(
-            next_valid, np.exp(np.where(next_valid, next_lps, 0.0)), 0.0
-        )
+        next_ids, next_lps, next_valid = self._candidates(path.safe_ids, scores, next_R)
+        next_valid &= ~path.gap_T[next_R][:, None]
+        weight_RC = base_R[:, None] * _probs(next_lps, next_valid)
 
         head_start_R = teacher.starts[actual_R] + offset_R
         head_len_R = teacher.lengths[actual_R] - offset_R
@@ -556,7 +578,7 @@ class PairMapper:
         next_special = teacher.special[safe_next]
         target_RC = np.full(next_ids.shape, -1, dtype=np.int64)
         # The text goes on with a special token: the student token ends inside these bytes.
-        inner_R = table.student_id[head_start_R].astype(np.int64)
+        inner_R = self.table.student_id[head_start_R].astype(np.int64)
         ends_here = next_valid & next_special
         target_RC[ends_here] = np.broadcast_to(inner_R[:, None], next_ids.shape)[ends_here]
         query = next_valid & ~next_special
