@@ -4,6 +4,7 @@
   ``TokenizerUnsupportedError``  a tokenizer whose tokens cannot be turned into exact bytes
   ``AlignmentError``             two token sequences that do not spell the same bytes
   ``ScoresShapeError``           teacher scores whose shapes do not match the teacher sequence
+  ``CodecError``                 a body that is not valid msgpack/JSON or carries a malformed array
 
 Callers (the service's error mapper, the client) catch ``TokenbridgeError`` and map the subclasses;
 every message says what was wrong and what to do about it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlignmentError",
+    "CodecError",
     "ScoresShapeError",
     "TokenbridgeError",
     "TokenizerUnsupportedError",
@@ -33,3 +35,7 @@ class AlignmentError(TokenbridgeError):
 
 class ScoresShapeError(TokenbridgeError):
     """Teacher scores do not fit the teacher token sequence they claim to describe."""
+
+
+class CodecError(TokenbridgeError):
+    """A body that cannot be decoded: malformed msgpack or JSON, or a typed array that lies."""

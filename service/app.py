@@ -1,0 +1,382 @@
+"""The HTTP face of the teacher service: app factory, thin routes, one error mapper.
+
+Bodies are msgpack by default (``application/msgpack``) and JSON when the request says so; the
+answer's encoding follows ``Accept`` when it names one of the two, else the request body's, else
+msgpack. Every route but ``/healthz`` requires a Bearer key when keys are configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenbridge.service.config import ServiceConfig, hash_api_key
+from tokenbridge.service.core import TeacherService
+from tokenbridge.service.engines.base import TeacherEngine
+from tokenbridge.service.errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    ForbiddenError,
+    PayloadTooLargeError,
+    ServiceError,
+    UnauthorizedError,
+    UnprocessableError,
+    UnsupportedMediaTypeError,
+)
+from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack
+from tokenbridge.shared.errors import CodecError
+from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("tokenbridge.service.http")
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
+
+# -- encodings -------------------------------------------------------------------------------
+
+
+def _request_encoding(request: Request) -> str:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type or content_type in _MSGPACK_TYPES:
+        return MSGPACK
+    if content_type == JSON or content_type.endswith("+json"):
+        return JSON
+    raise UnsupportedMediaTypeError(
+        f"content type {content_type!r} is not supported; send application/msgpack or "
+        "application/json"
+    )
+
+
+def _response_encoding(request: Request) -> str:
+    accept = request.headers.get("accept", "").lower()
+    wants_json = JSON in accept
+    wants_msgpack = any(t in accept for t in _MSGPACK_TYPES)
+    if wants_json != wants_msgpack:
+        return JSON if wants_json else MSGPACK
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return JSON if content_type == JSON else MSGPACK
+
+
+def _respond(
+    request: Request, value: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    encoding = _response_encoding(request)
+    body = pack(value, encoding)
+    state = request.app.state
+    state.service.metrics.payload_bytes.labels("out").observe(len(body))
+    return Response(body, status_code=status, media_type=encoding, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the body has {declared} bytes; max_body_bytes is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the body exceeds max_body_bytes ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model: type[ModelT]) -> ModelT:
+    service: TeacherService = request.app.state.service
+    encoding = _request_encoding(request)
+    body = await _read_body(request, service.config.max_body_bytes)
+    service.metrics.payload_bytes.labels("in").observe(len(body))
+    if not body:
+        raise BadRequestError("the request has no body")
+    try:
+        value = unpack(body, encoding)
+    except CodecError as error:
+        raise BadRequestError(str(error)) from None
+    if not isinstance(value, dict):
+        raise UnprocessableError(f"the body must be a map/object; got {type(value).__name__}")
+    try:
+        return model.model_validate(value)
+    except ValidationError as error:
+        raise UnprocessableError(_validation_message(error)) from None
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:10]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+# -- middleware ------------------------------------------------------------------------------
+
+
+def _route_label(path: str) -> str:
+    if path.startswith("/v1/tokenizers/"):
+        return "/v1/tokenizers/{id}"
+    known = {
+        "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/tokenizers", "/v1/score",
+        "/v1/generate",
+    }  # fmt: skip
+    return path if path in known else "other"
+
+
+class _Observe:
+    """Counts and times every request, tags it with a request id and logs one line for it."""
+
+    def __init__(self, app: ASGIApp, service: TeacherService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_label(scope["path"])
+            metrics = self.service.metrics
+            metrics.requests.labels(route, str(status)).inc()
+            metrics.latency.labels(route).observe(elapsed)
+            logger.info(
+                "request",
+                extra={
+                    "request_id": request_id, "method": scope["method"], "route": route,
+                    "status": status, "duration_ms": round(elapsed * 1000, 2),
+                },
+            )  # fmt: skip
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T], timeout_s: float) -> T:
+    """Run ``work`` under the per-request deadline; abandon it if the caller goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not task.done():
+            if await request.is_disconnected():
+                task.cancel()
+                return
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await task
+    except TimeoutError:
+        raise DeadlineExceededError(
+            f"the request took longer than request_timeout_s ({timeout_s} s) and was abandoned; "
+            "send fewer or shorter sequences"
+        ) from None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def create_app(
+    config: ServiceConfig,
+    engine: TeacherEngine | None = None,
+    tokenizer_loader: Callable[[str], Any] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``config.teacher`` (or ``engine``, when given, e.g. in tests).
+
+    The engine starts in the app's lifespan and stops (after draining) when the server shuts
+    down; readiness is 503 before and after.
+    """
+    if engine is None:
+        from tokenbridge.service.engines import build_engine
+
+        engine = build_engine(config)
+    service = TeacherService(config, engine, tokenizer_loader)
+    key_hashes = config.accepted_key_hashes
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="tokenbridge teacher service",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.service = service
+
+    async def authorise(request: Request) -> None:
+        if not key_hashes:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise UnauthorizedError("this route needs an API key: send 'Authorization: Bearer KEY'")
+        digest = hash_api_key(key.strip())
+        if not any(hmac.compare_digest(digest, known) for known in key_hashes):
+            raise ForbiddenError("the API key is not valid")
+
+    def guarded(
+        handler: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            await authorise(request)
+            return await handler(request)
+
+        run.__name__ = handler.__name__
+        run.__doc__ = handler.__doc__
+        return run
+
+    # -- error mapping: the one place errors become HTTP -----------------------------------
+
+    def error_response(request: Request, error: ServiceError) -> Response:
+        body = {"error": {"code": error.code, "message": error.message}}
+        try:
+            encoding = _response_encoding(request)
+        except ServiceError:
+            encoding = JSON
+        if error.status == 429:
+            service.metrics.rejected.inc()
+        return Response(
+            pack(body, encoding), status_code=error.status, media_type=encoding,
+            headers=error.headers,
+        )  # fmt: skip
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(request: Request, error: ServiceError) -> Response:
+        return error_response(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, error: RequestValidationError) -> Response:
+        return error_response(request, UnprocessableError(f"invalid request: {error.errors()}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, error: StarletteHTTPException) -> Response:
+        service_error = ServiceError(str(error.detail))
+        service_error.status = error.status_code
+        service_error.code = "not_found" if error.status_code == 404 else "http_error"
+        return error_response(request, service_error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> Response:
+        request_id = request.scope.get("state", {}).get("request_id", "?")
+        logger.exception("unexpected error in request %s", request_id)
+        return JSONResponse(
+            {"error": {"code": "internal", "message": f"internal error (request {request_id}); "
+                       "the service log has the details"}},
+            status_code=500,
+        )  # fmt: skip
+
+    # -- routes ---------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """Liveness: the process answers (no key needed)."""
+        return JSONResponse({"status": "alive", "state": service.state})
+
+    async def readyz(request: Request) -> Response:
+        """Readiness: 200 when the service accepts work, 503 while loading, draining or failed."""
+        ready, state = service.readiness()
+        return JSONResponse(
+            {"ready": ready, "state": state}, status_code=200 if ready else 503,
+            headers=None if ready else {"Retry-After": "2"},
+        )  # fmt: skip
+
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def info(request: Request) -> Response:
+        """Teacher model, engine, versions, vocabulary, max K, limits, log-prob semantics."""
+        return _respond(request, service.info())
+
+    async def register_tokenizer(request: Request) -> Response:
+        """Register a student tokenizer by hub name, path or uploaded ``tokenizer.json``."""
+        body = await _parse(request, RegisterTokenizerRequest)
+        entry, created = await service.register(body)
+        return _respond(request, {**entry.describe(), "created": created}, 201 if created else 200)
+
+    async def list_tokenizers(request: Request) -> Response:
+        """Every registered student tokenizer."""
+        return _respond(request, {"tokenizers": [e.summary() for e in service.registry.list()]})
+
+    async def get_tokenizer(request: Request) -> Response:
+        """One registration with its vocabulary overlap and 1:1 share on a probe text."""
+        entry = service.registry.get(request.path_params["student_id"])
+        return _respond(request, entry.describe())
+
+    async def delete_tokenizer(request: Request) -> Response:
+        """Remove a registration."""
+        entry = await asyncio.to_thread(service.registry.delete, request.path_params["student_id"])
+        return _respond(request, {"id": entry.id, "deleted": True})
+
+    async def score(request: Request) -> Response:
+        """Teacher log-probs and sparse distributions over the student's vocabulary."""
+        body = await _parse(request, ScoreRequest)
+        result = await _until_disconnect(request, service.score(body), config.request_timeout_s)
+        encode_started = time.perf_counter()
+        response = _respond(request, result)
+        service.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - encode_started)
+        return response
+
+    async def generate(request: Request) -> Response:
+        """Teacher samples for prompts (the SFT baseline's data)."""
+        body = await _parse(request, GenerateRequest)
+        result = await _until_disconnect(request, service.generate(body), config.request_timeout_s)
+        return _respond(request, result)
+
+    routes: list[tuple[str, str, Callable[[Request], Awaitable[Response]]]] = [
+        ("GET", "/readyz", readyz),
+        ("GET", "/metrics", metrics),
+        ("GET", "/v1/info", info),
+        ("POST", "/v1/tokenizers", register_tokenizer),
+        ("GET", "/v1/tokenizers", list_tokenizers),
+        ("GET", "/v1/tokenizers/{student_id}", get_tokenizer),
+        ("DELETE", "/v1/tokenizers/{student_id}", delete_tokenizer),
+        ("POST", "/v1/score", score),
+        ("POST", "/v1/generate", generate),
+    ]
+    for method, path, handler in routes:
+        app.add_api_route(path, guarded(handler), methods=[method], response_class=Response)
+
+    app.add_middleware(_Observe, service=service)
+    return app

@@ -1,0 +1,39 @@
+"""Teacher engines behind one protocol (``base.TeacherEngine``), chosen by the config's backend."""
+
+from __future__ import annotations
+
+from tokenbridge.service.config import ServiceConfig
+from tokenbridge.service.engines.base import TeacherEngine
+
+__all__ = ["build_engine"]
+
+
+def build_engine(config: ServiceConfig) -> TeacherEngine:
+    """The engine ``config.backend`` names, not yet started."""
+    if not config.teacher:
+        raise ValueError(
+            "no teacher given: pass --teacher PATH_OR_HUB (or teacher = ... in the config)"
+        )
+    if config.backend == "vllm":
+        from tokenbridge.service.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            config.teacher,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_top_k=config.max_top_k,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+        )
+    from tokenbridge.service.engines.transformers import TransformersEngine
+
+    return TransformersEngine(
+        config.teacher,
+        device=config.device,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        max_top_k=config.max_top_k,
+        batch_wait_s=config.batch_wait_s,
+        batch_max_tokens=config.batch_max_tokens,
+    )

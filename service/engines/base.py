@@ -1,0 +1,116 @@
+"""The one small protocol every teacher engine implements, and the types it speaks.
+
+An engine owns the teacher model and its tokenizer. It scores token ids (``score``: the teacher's
+top-K and the actual token's log-prob at each completion position, temperature 1) and samples
+completions (``generate``). Engines are interchangeable behind ``TeacherEngine``; the service
+never looks past it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "EngineInfo",
+    "GenerateParams",
+    "Generated",
+    "PositionScores",
+    "ScoreJob",
+    "TeacherEngine",
+]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the service reports about its teacher (``/v1/info`` and every response)."""
+
+    backend: str
+    model: str
+    revision: str | None
+    dtype: str
+    device: str
+    vocab_size: int
+    max_top_k: int
+    max_model_len: int
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Score ``ids[start:]`` given what precedes each of them, with the top ``top_k``.
+
+    ``start`` is at least 1: the first scored token needs a position that predicts it.
+    """
+
+    ids: np.ndarray
+    start: int
+    top_k: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= len(self.ids):
+            raise ValueError(f"start must lie in [1, {len(self.ids)}]; got {self.start}")
+        if self.top_k < 1:
+            raise ValueError("top_k must be at least 1")
+
+    @property
+    def positions(self) -> int:
+        """How many tokens get scored."""
+        return len(self.ids) - self.start
+
+
+@dataclass(frozen=True)
+class PositionScores:
+    """Row ``t`` is about token ``ids[start + t]`` of its ``ScoreJob``.
+
+    ``topk_ids_TK`` / ``topk_logprobs_TK``: the teacher's top-K there, most likely first;
+    ``actual_logprobs_T``: the log-prob of the actual token, whatever its rank.
+    """
+
+    topk_ids_TK: np.ndarray
+    topk_logprobs_TK: np.ndarray
+    actual_logprobs_T: np.ndarray
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Sampling settings for ``generate``."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One sampled completion: its ids, text and why it stopped (``stop`` or ``length``)."""
+
+    ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@runtime_checkable
+class TeacherEngine(Protocol):
+    """A teacher model that can score token ids and sample completions."""
+
+    info: EngineInfo
+    tokenizer: Any
+
+    async def start(self) -> None:
+        """Load the model; return when it can serve."""
+
+    async def stop(self) -> None:
+        """Finish or abandon outstanding work and release the model."""
+
+    def healthy(self) -> bool:
+        """False once the engine can no longer serve (it died or ran out of memory)."""
+
+    async def score(self, job: ScoreJob) -> PositionScores:
+        """The teacher's scores of ``job``'s tokens."""
+
+    async def generate(self, prompt_ids: list[int], params: GenerateParams) -> Generated:
+        """One completion of ``prompt_ids``."""

@@ -1,0 +1,277 @@
+"""The student tokenizer registry: register once, score many times, survive restarts.
+
+A registration is stored as ``<root>/students/<id>/`` (the tokenizer's ``save_pretrained`` files
+plus ``registration.json``); ``id`` is a hash of the tokenizer's content, so registering the same
+tokenizer twice returns the same id. Vocabularies and (teacher, student) pair tables are kept by a
+``TableCache`` under ``<root>/tables`` and read back after a restart instead of rebuilt.
+All methods block (tokenizer loading, table builds): the app calls them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenbridge.service.errors import NotFoundError, UnprocessableError
+from tokenbridge.shared.align import align, encode_continuation, teacher_view, token_widths
+from tokenbridge.shared.cache import TableCache, tokenizer_fingerprint
+from tokenbridge.shared.errors import TokenbridgeError
+from tokenbridge.shared.mapping import PairMapper
+from tokenbridge.shared.protocol import RegisterTokenizerRequest
+from tokenbridge.shared.vocab import Vocab
+
+__all__ = ["StudentEntry", "StudentRegistry"]
+
+logger = logging.getLogger("tokenbridge.service.registry")
+
+_RECORD = "registration.json"
+
+
+@dataclass(frozen=True)
+class StudentEntry:
+    """One registered student tokenizer, ready to map teacher scores onto."""
+
+    id: str
+    name: str
+    source: dict[str, str]
+    created: float
+    tokenizer: Any
+    vocab: Vocab
+    mapper: PairMapper
+    vocab_overlap: float
+    probe_one_to_one_share: float
+
+    def summary(self) -> dict[str, Any]:
+        """What ``GET /v1/tokenizers`` lists about this student."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "source": self.source,
+            "created": self.created,
+            "vocab_size": self.vocab.size,
+            "vocab_hash": self.vocab.content_hash,
+            "scheme": self.vocab.scheme,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/tokenizers/{id}`` answers: the summary plus how well the pair maps."""
+        roles = {role: token for role, token in self.vocab.roles.items() if token is not None}
+        return {
+            **self.summary(),
+            "roles": roles,
+            "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+            "vocab_overlap": self.vocab_overlap,
+            "probe_one_to_one_share": self.probe_one_to_one_share,
+            "special_token_map": {str(s): t for s, t in self.mapper.special_map.items()},
+        }
+
+
+def _default_loader(name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+class StudentRegistry:
+    """Registered students of one teacher, persisted under ``root``."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        teacher_tokenizer: Any,
+        probe_text: str,
+        loader: Callable[[str], Any] = _default_loader,
+    ) -> None:
+        self.root = Path(root)
+        self.students_dir = self.root / "students"
+        self.tables = TableCache(self.root / "tables")
+        self.teacher_tokenizer = teacher_tokenizer
+        self.teacher = self.tables.vocab(teacher_tokenizer, "teacher")
+        self.probe_text = probe_text
+        self._loader = loader
+        self._entries: dict[str, StudentEntry] = {}
+        self._lock = threading.Lock()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load_all(self) -> int:
+        """Read every stored registration back (after a restart); return how many loaded.
+
+        A registration that no longer loads is logged and skipped, never fatal.
+        """
+        if not self.students_dir.is_dir():
+            return 0
+        for folder in sorted(self.students_dir.iterdir()):
+            record_path = folder / _RECORD
+            if folder.name.startswith(".") or not record_path.is_file():
+                continue
+            try:
+                record = json.loads(record_path.read_text())
+                tokenizer = _default_loader(str(folder))
+                # The id stays the one clients were given, whatever a reload would hash to.
+                entry = self._entry(
+                    folder.name, tokenizer, record["name"], record["source"], record["created"]
+                )
+                self._entries[entry.id] = entry
+            except Exception as error:
+                logger.warning("skipping stored student %s: %r", folder.name, error)
+        return len(self._entries)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def get(self, student_id: str) -> StudentEntry:
+        """The registration ``student_id``; ``NotFoundError`` (404) when there is none."""
+        entry = self._entries.get(student_id)
+        if entry is None:
+            raise NotFoundError(
+                f"no student tokenizer {student_id!r} is registered; register it with "
+                "POST /v1/tokenizers (GET /v1/tokenizers lists the registered ones)"
+            )
+        return entry
+
+    def list(self) -> list[StudentEntry]:
+        """Every registration, oldest first."""
+        return sorted(self._entries.values(), key=lambda e: (e.created, e.id))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def register(self, request: RegisterTokenizerRequest) -> tuple[StudentEntry, bool]:
+        """Register the tokenizer ``request`` describes; return it and whether it was new."""
+        tokenizer, source = self._load_requested(request)
+        student_id = tokenizer_fingerprint(tokenizer)
+        with self._lock:
+            existing = self._entries.get(student_id)
+            if existing is not None:
+                return existing, False
+            entry = self._entry(student_id, tokenizer, request.name, source, time.time())
+            self._store(entry)
+            self._entries[entry.id] = entry
+        logger.info("registered student %s (%s) from %s", entry.id, entry.name, source["kind"])
+        return entry, True
+
+    def delete(self, student_id: str) -> StudentEntry:
+        """Remove a registration and its stored files; ``NotFoundError`` when there is none."""
+        with self._lock:
+            entry = self.get(student_id)
+            del self._entries[student_id]
+            shutil.rmtree(self.students_dir / student_id, ignore_errors=True)
+        return entry
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _load_requested(self, request: RegisterTokenizerRequest) -> tuple[Any, dict[str, str]]:
+        try:
+            if request.tokenizer_json is not None:
+                tokenizer = self._from_json(request)
+                source = {"kind": "tokenizer_json"}
+            elif request.path is not None:
+                path = Path(request.path)
+                if not path.exists():
+                    raise UnprocessableError(f"path {request.path!r} does not exist on the service")
+                tokenizer = _default_loader(str(path))
+                source = {"kind": "path", "path": str(path)}
+            else:
+                assert request.hub is not None
+                tokenizer = self._loader(request.hub)
+                source = {"kind": "hub", "hub": request.hub}
+        except UnprocessableError:
+            raise
+        except Exception as error:
+            raise UnprocessableError(f"cannot load the tokenizer: {_reason(error)}") from None
+        if not getattr(tokenizer, "is_fast", False):
+            raise UnprocessableError("the tokenizer has no fast (Rust) implementation")
+        if request.chat_template is not None:
+            tokenizer.chat_template = request.chat_template
+        return tokenizer, source
+
+    @staticmethod
+    def _from_json(request: RegisterTokenizerRequest) -> Any:
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        allowed = {"bos_token", "eos_token", "pad_token", "unk_token"}
+        specials = dict(request.special_tokens or {})
+        unknown = sorted(set(specials) - allowed)
+        if unknown:
+            raise UnprocessableError(
+                f"special_tokens keys must be among {sorted(allowed)}; got {unknown}"
+            )
+        backend = Tokenizer.from_str(request.tokenizer_json or "")
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+    def _entry(
+        self, student_id: str, tokenizer: Any, name: str, source: dict[str, str], created: float
+    ) -> StudentEntry:
+        try:
+            vocab = self.tables.vocab(tokenizer, name)
+        except TokenbridgeError as error:
+            raise UnprocessableError(f"tokenizer {name!r} cannot be mapped: {error}") from None
+        if vocab.roles.get("eos") is None and vocab.roles.get("eot") is None:
+            raise UnprocessableError(
+                f"tokenizer {name!r} is not generative: it has no end-of-sequence token (give "
+                "special_tokens.eos_token, or register a causal LM's tokenizer)"
+            )
+        table = self.tables.pair_table(self.teacher, vocab)
+        mapper = PairMapper(self.teacher, vocab, table)
+        student_bytes = [b for b, s in zip(vocab.token_bytes, vocab.special, strict=True) if not s]
+        teacher_known = self.teacher.id_of_bytes
+        overlap = sum(1 for b in student_bytes if b in teacher_known) / max(1, len(student_bytes))
+        return StudentEntry(
+            id=student_id,
+            name=name,
+            source=source,
+            created=created,
+            tokenizer=tokenizer,
+            vocab=vocab,
+            mapper=mapper,
+            vocab_overlap=overlap,
+            probe_one_to_one_share=self._probe_share(tokenizer, vocab),
+        )
+
+    def _probe_share(self, tokenizer: Any, vocab: Vocab) -> float:
+        try:
+            ids = np.asarray(encode_continuation(tokenizer, vocab, self.probe_text), dtype=np.int64)
+            view = teacher_view(ids, vocab, self.teacher_tokenizer, self.teacher)
+            alignment = align(token_widths(vocab, ids), view.widths)
+        except TokenbridgeError:
+            return 0.0
+        return alignment.report(view.untiled_bytes).one_to_one_share
+
+    def _store(self, entry: StudentEntry) -> None:
+        self.students_dir.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f".{entry.id}-", dir=self.students_dir))
+        try:
+            entry.tokenizer.save_pretrained(str(workdir))
+            record = {
+                "id": entry.id,
+                "name": entry.name,
+                "source": entry.source,
+                "created": entry.created,
+            }
+            (workdir / _RECORD).write_text(json.dumps(record, indent=2))
+            target = self.students_dir / entry.id
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(workdir, target)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line reason without paths into the service's own installation."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:300]

@@ -1,0 +1,158 @@
+"""Bodies on the wire: msgpack with typed arrays (the default) or JSON.
+
+An array travels as a map ``{"dtype": "<f4", "shape": [n, k], "data": <raw little-endian bytes>}``
+in msgpack, never as pickle; in JSON as nested lists, with non-finite floats as ``null``. Integer
+arrays travel in the narrowest little-endian integer type that holds their values (readers widen),
+so ids of a 32k vocabulary cost two bytes. Decoders check every declared dtype and size and raise
+``CodecError`` with the reason; they never execute anything the body carries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from tokenbridge.shared.errors import CodecError
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "JSON",
+    "MSGPACK",
+    "decode_array",
+    "encode_array",
+    "narrow_ints",
+    "pack",
+    "to_json_ready",
+    "unpack",
+]
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+ALLOWED_DTYPES = frozenset(
+    {"|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "<f2", "<f4", "<f8"}
+)
+_ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
+_MAX_DIMS = 4
+
+
+def narrow_ints(array: np.ndarray) -> np.ndarray:
+    """``array`` in the narrowest signed integer type holding its values (others unchanged)."""
+    if array.dtype.kind != "i" or array.size == 0:
+        return array
+    low, high = int(array.min()), int(array.max())
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return array.astype(dtype)
+    return array
+
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    """The msgpack form of ``array``: dtype, shape and raw little-endian bytes."""
+    array = narrow_ints(np.asarray(array))
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    dtype = little.dtype.str
+    if dtype not in ALLOWED_DTYPES:
+        raise CodecError(
+            f"arrays of dtype {dtype} cannot travel; use one of {sorted(ALLOWED_DTYPES)}"
+        )
+    return {
+        "dtype": dtype,
+        "shape": list(little.shape),
+        "data": np.ascontiguousarray(little).tobytes(),
+    }
+
+
+def decode_array(value: dict[str, Any]) -> np.ndarray:
+    """The array a typed-array map describes; ``CodecError`` if dtype, shape or size is wrong."""
+    dtype, shape, data = value.get("dtype"), value.get("shape"), value.get("data")
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise CodecError(f"array dtype must be one of {sorted(ALLOWED_DTYPES)}; got {dtype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_DIMS
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise CodecError(f"array shape must be a list of at most {_MAX_DIMS} sizes; got {shape!r}")
+    if not isinstance(data, bytes | bytearray):
+        raise CodecError("array data must be raw bytes")
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(data) != expected:
+        raise CodecError(
+            f"array of dtype {dtype} and shape {shape} needs {expected} bytes; got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return encode_array(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _object_hook(value: dict[Any, Any]) -> Any:
+    if len(value) == 3 and set(value) == _ARRAY_KEYS and isinstance(value["data"], bytes):
+        return decode_array(value)
+    return value
+
+
+def to_json_ready(value: Any) -> Any:
+    """``value`` with arrays turned into lists and non-finite floats into ``None``."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f":
+            as_float = value.astype(np.float64)
+            listed = as_float.tolist()
+            if np.isfinite(as_float).all():
+                return listed
+            return _nullify(listed)
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: to_json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_ready(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return to_json_ready(value.item())
+    return value
+
+
+def _nullify(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_nullify(item) for item in value]
+    return value if math.isfinite(value) else None
+
+
+def pack(value: Any, content_type: str = MSGPACK) -> bytes:
+    """Serialise ``value`` (dicts, lists, scalars and numpy arrays) as msgpack or JSON."""
+    if content_type == JSON:
+        return json.dumps(to_json_ready(value), separators=(",", ":"), allow_nan=False).encode()
+    return msgpack.packb(value, default=_default, use_bin_type=True)
+
+
+def unpack(body: bytes, content_type: str = MSGPACK) -> Any:
+    """Parse a msgpack or JSON body (typed arrays become numpy); ``CodecError`` if malformed."""
+    if content_type == JSON:
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as error:
+            raise CodecError(f"body is not valid JSON: {error}") from None
+    try:
+        return msgpack.unpackb(body, raw=False, object_hook=_object_hook, strict_map_key=True)
+    except CodecError:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as error:
+        raise CodecError(f"body is not valid msgpack: {error}") from None

@@ -1,0 +1,191 @@
+"""The v1 wire protocol: request models (validated with pydantic) and the score response layout.
+
+Both sides use these definitions: the service validates requests with them and builds responses
+with ``score_sequence_fields``; the client builds requests with them and reads responses with
+``ScoredSequence.from_wire``. Field names are the same in msgpack and JSON.
+
+Positions: in a score response, row ``j`` of every per-token array is about completion token ``j``
+given the prompt and completion tokens ``0..j-1``. Log-probs are the teacher's at temperature 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+__all__ = [
+    "API_VERSION",
+    "SCORE_ARRAY_DTYPES",
+    "GenerateRequest",
+    "Message",
+    "Prompt",
+    "RegisterTokenizerRequest",
+    "ScoreRequest",
+    "ScoreSequence",
+    "ScoredSequence",
+]
+
+API_VERSION = "v1"
+
+# What each per-token array of a score response is sent as. Integer arrays may travel narrower
+# (see ``codec``); log-probs of the sampled tokens stay float32, the sparse rows float16.
+SCORE_ARRAY_DTYPES: dict[str, str] = {
+    "logprobs": "<f4",
+    "topk_ids": "<i4",
+    "topk_logprobs": "<f2",
+    "chunk_ids": "<i4",
+    "tail_mass": "<f2",
+    "unresolved_mass": "<f2",
+    "exact": "|b1",
+}
+
+
+def _ids_list(value: Any) -> Any:
+    """Accept token ids as a list or as a typed 1-D integer array (msgpack)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            raise ValueError(f"ids must be a 1-D integer array; got {value.dtype} {value.shape}")
+        return value.astype(np.int64).tolist()
+    return value
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, strict=True)]], BeforeValidator(_ids_list)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Message(_Model):
+    """One chat message."""
+
+    role: str = Field(min_length=1, max_length=64)
+    content: str
+
+
+class Prompt(_Model):
+    """Exactly one of ``text``, ``messages`` (rendered with the teacher's chat template) or ``ids``
+    (student ids: decoded with the student tokenizer, then re-tokenised for the teacher)."""
+
+    text: str | None = None
+    messages: list[Message] | None = None
+    ids: TokenIds | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Prompt:
+        given = [name for name in ("text", "messages", "ids") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"a prompt needs exactly one of 'text', 'messages' or 'ids'; got {given or 'none'}"
+            )
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must hold at least one message")
+        return self
+
+    @property
+    def kind(self) -> Literal["text", "messages", "ids"]:
+        """Which form the prompt takes."""
+        if self.text is not None:
+            return "text"
+        return "messages" if self.messages is not None else "ids"
+
+
+class ScoreSequence(_Model):
+    """One sampled completion to score: its prompt and the student's completion token ids."""
+
+    prompt: Prompt
+    completion_ids: TokenIds
+
+
+class ScoreRequest(_Model):
+    """``POST /v1/score``."""
+
+    student_tokenizer: str = Field(min_length=1, max_length=128)
+    top_k: int = Field(ge=1, strict=True)
+    sequences: list[ScoreSequence] = Field(min_length=1)
+
+
+class GenerateRequest(_Model):
+    """``POST /v1/generate``: teacher samples for prompts given as text or messages."""
+
+    prompts: list[Prompt] = Field(min_length=1)
+    max_tokens: int = Field(default=128, ge=1, strict=True)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _no_ids(self) -> GenerateRequest:
+        if any(prompt.ids is not None for prompt in self.prompts):
+            raise ValueError("generation prompts are 'text' or 'messages', not student 'ids'")
+        return self
+
+
+class RegisterTokenizerRequest(_Model):
+    """``POST /v1/tokenizers``: exactly one of ``path``, ``hub`` or ``tokenizer_json``."""
+
+    name: str = Field(min_length=1, max_length=128)
+    path: str | None = None
+    hub: str | None = None
+    tokenizer_json: str | None = None
+    chat_template: str | None = None
+    special_tokens: dict[str, str] | None = Field(
+        default=None, description="bos_token, eos_token, pad_token... for an uploaded tokenizer"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RegisterTokenizerRequest:
+        given = [n for n in ("path", "hub", "tokenizer_json") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of 'path', 'hub' or 'tokenizer_json'; got {given or 'none'}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """One scored completion as a client reads it (arrays widened to int64 / float32)."""
+
+    logprobs_S: np.ndarray
+    topk_ids_SK: np.ndarray
+    topk_logprobs_SK: np.ndarray
+    chunk_ids_S: np.ndarray
+    tail_mass_S: np.ndarray
+    unresolved_mass_S: np.ndarray
+    exact_S: np.ndarray
+    chunk_logprobs_C: np.ndarray
+    alignment: dict[str, Any]
+
+    @classmethod
+    def from_wire(cls, value: dict[str, Any]) -> ScoredSequence:
+        """Read one entry of a score response's ``sequences`` (msgpack or JSON form)."""
+
+        def array(name: str, dtype: Any, null: float = np.nan) -> np.ndarray:
+            raw = value[name]
+            if isinstance(raw, np.ndarray):
+                return raw.astype(dtype)
+            if np.dtype(dtype).kind in "iub":
+                return np.asarray(raw, dtype=dtype)
+            listed = np.asarray(raw, dtype=object)
+            return np.where(listed == None, null, listed).astype(dtype)  # noqa: E711
+
+        topk_logprobs = array("topk_logprobs", np.float32, null=-np.inf)
+        topk_ids = array("topk_ids", np.int64)
+        if topk_logprobs.ndim == 1:  # an empty completion read from JSON
+            topk_logprobs = topk_logprobs.reshape(0, 0)
+            topk_ids = topk_ids.reshape(0, 0)
+        return cls(
+            logprobs_S=array("logprobs", np.float32),
+            topk_ids_SK=topk_ids,
+            topk_logprobs_SK=topk_logprobs,
+            chunk_ids_S=array("chunk_ids", np.int64),
+            tail_mass_S=array("tail_mass", np.float32),
+            unresolved_mass_S=array("unresolved_mass", np.float32),
+            exact_S=array("exact", bool),
+            chunk_logprobs_C=array("chunk_logprobs", np.float32),
+            alignment=dict(value["alignment"]),
+        )
