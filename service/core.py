@@ -233,6 +233,7 @@ class TeacherService:
         ):
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         return {
+            "top_k": top_k,
             "sequences": sequences,
             "usage": {
                 "positions": positions,

@@ -161,8 +161,12 @@ class ScoredSequence:
     alignment: dict[str, Any]
 
     @classmethod
-    def from_wire(cls, value: dict[str, Any]) -> ScoredSequence:
-        """Read one entry of a score response's ``sequences`` (msgpack or JSON form)."""
+    def from_wire(cls, value: dict[str, Any], top_k: int = 0) -> ScoredSequence:
+        """Read one entry of a score response's ``sequences`` (msgpack or JSON form).
+
+        ``top_k`` (the response's own ``top_k``) gives an empty completion read from JSON, which
+        carries no shape, its ``(0, K)`` rows.
+        """
 
         def array(name: str, dtype: Any, null: float = np.nan) -> np.ndarray:
             raw = value[name]
@@ -176,8 +180,8 @@ class ScoredSequence:
         topk_logprobs = array("topk_logprobs", np.float32, null=-np.inf)
         topk_ids = array("topk_ids", np.int64)
         if topk_logprobs.ndim == 1:  # an empty completion read from JSON
-            topk_logprobs = topk_logprobs.reshape(0, 0)
-            topk_ids = topk_ids.reshape(0, 0)
+            topk_logprobs = topk_logprobs.reshape(0, top_k)
+            topk_ids = topk_ids.reshape(0, top_k)
         return cls(
             logprobs_S=array("logprobs", np.float32),
             topk_ids_SK=topk_ids,

@@ -1,7 +1,8 @@
-"""The ``tokenbridge`` command: ``tokenbridge demo``, ``tokenbridge tokenizers``.
+"""The ``tokenbridge`` command: ``demo``, ``tokenizers`` and ``serve``.
 
-Later parts of the product add their subcommands here (the service's ``serve``, the client's
-``train``); each one's flags are generated from its config dataclass.
+Each subcommand's flags are generated from its config dataclass. ``serve`` also reads a TOML file
+(``--config``; flags given on the command line win) and the environment variable
+``TOKENBRIDGE_API_KEYS`` (comma-separated keys, kept off the command line).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from tokenbridge.configargs import add_config_arguments, config_from_args
 from tokenbridge.demo import DemoConfig, run_demo
 from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, materialise
+from tokenbridge.service.config import ServiceConfig, load_config_file
 
 __all__ = ["main"]
 
@@ -41,12 +43,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokenizers.add_argument("--materialise", action="store_true", help="convert all of them now")
     tokenizers.add_argument("--cache-dir", type=Path, default=_default_cache())
+
+    serve = commands.add_parser("serve", help="run the teacher-scoring service (FastAPI + uvicorn)")
+    serve.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
+    add_config_arguments(serve, ServiceConfig)
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise KeyError(name)
+
+
+def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    import uvicorn
+
+    from tokenbridge.hub import load_tokenizer
+    from tokenbridge.service.app import create_app
+    from tokenbridge.service.logs import configure_logging
+
+    serve = _subparser(parser, "serve")
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        try:
+            serve.set_defaults(**load_config_file(first.config))
+        except ValueError as error:
+            serve.error(str(error))
+    args = parser.parse_args(argv)
+    keys = tuple(k for k in os.environ.get("TOKENBRIDGE_API_KEYS", "").split(",") if k.strip())
+    if keys:
+        args.api_keys = list(args.api_keys or ()) + [k.strip() for k in keys]
+    config = config_from_args(ServiceConfig, args, serve)
+    if not config.teacher:
+        serve.error("--teacher PATH_OR_HUB is required (or teacher = ... in --config)")
+    configure_logging(config.log_level)
+    cache = _default_cache()
+    app = create_app(config, tokenizer_loader=lambda name: load_tokenizer(name, cache))
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(config.request_timeout_s),
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tokenbridge`` console script."""
     parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return _serve(parser, argv)
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(config_from_args(DemoConfig, args, parser))

@@ -1,0 +1,191 @@
+"""Helpers for the service tests: tiny teachers, an app running in a background event loop, a
+gated engine (a fake that wraps the real one and holds requests until released), direct forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from tokenbridge.hub import load_tokenizer
+from tokenbridge.service.app import create_app
+from tokenbridge.service.config import ServiceConfig
+from tokenbridge.service.engines.base import Generated, GenerateParams, PositionScores, ScoreJob
+from tokenbridge.service.engines.transformers import TransformersEngine
+from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
+
+from conftest import CACHE_DIR
+
+T = TypeVar("T")
+
+MODELS_DIR = CACHE_DIR / "models"
+
+
+def tiny_teacher(tokenizer: str = "gpt2", architecture: str = "gpt2", **shape: int) -> Path:
+    """A tiny random-init teacher over a real tokenizer, built once into the cache."""
+    spec = TinyModelSpec(tokenizer, architecture, **shape)  # type: ignore[arg-type]
+    name = f"tiny-{architecture}-{tokenizer}-h{spec.hidden}-l{spec.layers}-s{spec.seed}"
+    return build_tiny_model(spec, MODELS_DIR / name, CACHE_DIR)
+
+
+def offline_loader(name: str) -> Any:
+    """The tokenizer loader the ``serve`` command passes: offline names, paths, hub names."""
+    return load_tokenizer(name, CACHE_DIR)
+
+
+def direct_logprobs(model_dir: Path, ids: list[int]) -> np.ndarray:
+    """log-softmax of a plain transformers forward: row p predicts ``ids[p + 1]``."""
+    import torch
+
+    model = _model(str(model_dir))
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+_MODELS: dict[str, Any] = {}
+
+
+def _model(path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if path not in _MODELS:
+        _MODELS[path] = AutoModelForCausalLM.from_pretrained(path).eval()
+    return _MODELS[path]
+
+
+class LoopThread:
+    """An event loop in a daemon thread; ``run`` executes a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Awaitable[T]) -> Future[T]:
+        """Schedule ``coro``; return a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def run(self, coro: Awaitable[T], timeout: float = 300) -> T:
+        """Run ``coro`` to completion on the loop."""
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class AppHarness:
+    """A started app (lifespan entered) with an in-process httpx client, on a ``LoopThread``."""
+
+    def __init__(self, loop: LoopThread, app: Any) -> None:
+        self.loop = loop
+        self.app = app
+        self._lifespan: Any = None
+        self.client: httpx.AsyncClient | None = None
+
+    @property
+    def service(self) -> Any:
+        """The app's ``TeacherService``."""
+        return self.app.state.service
+
+    async def _start(self) -> None:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://service", timeout=120
+        )
+
+    async def _stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        await self._lifespan.__aexit__(None, None, None)
+
+    def run(self, scenario: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+        """Run ``scenario(client)`` on the app's loop."""
+        assert self.client is not None
+        return self.loop.run(scenario(self.client))
+
+
+@contextlib.contextmanager
+def running_app(
+    config: ServiceConfig, engine: Any = None, loop: LoopThread | None = None
+) -> Iterator[AppHarness]:
+    """Build, start and finally stop an app for ``config``."""
+    own_loop = loop is None
+    loop = loop or LoopThread()
+    app = create_app(config, engine=engine, tokenizer_loader=offline_loader)
+    harness = AppHarness(loop, app)
+    loop.run(harness._start())
+    try:
+        yield harness
+    finally:
+        loop.run(harness._stop())
+        if own_loop:
+            loop.close()
+
+
+def transformers_engine(model_dir: Path, **options: Any) -> TransformersEngine:
+    """The embedded engine over ``model_dir`` with test-friendly defaults."""
+    return TransformersEngine(str(model_dir), max_top_k=options.pop("max_top_k", 64), **options)
+
+
+class GatedEngine:
+    """A fake engine around a real one: ``score``/``generate`` wait until the gate opens.
+
+    Lets tests hold requests in flight (admission, deadlines, cancellation) without timing luck.
+    ``healthy_flag`` can be cleared to play an engine that died.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.tokenizer = inner.tokenizer
+        self.gate = asyncio.Event()
+        self.entered = 0
+        self.healthy_flag = True
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    def healthy(self) -> bool:
+        return self.healthy_flag and self.inner.healthy()
+
+    async def score(self, job: ScoreJob) -> PositionScores:
+        self.entered += 1
+        await self.gate.wait()
+        return await self.inner.score(job)
+
+    async def generate(self, prompt_ids: list[int], params: GenerateParams) -> Generated:
+        await self.gate.wait()
+        return await self.inner.generate(prompt_ids, params)
+
+
+def config_for(teacher: Path, data_dir: Path, **overrides: Any) -> ServiceConfig:
+    """A ``ServiceConfig`` for tests."""
+    return ServiceConfig(teacher=str(teacher), data_dir=data_dir, **overrides)
+
+
+__all__ = [
+    "AppHarness",
+    "GatedEngine",
+    "LoopThread",
+    "config_for",
+    "direct_logprobs",
+    "offline_loader",
+    "running_app",
+    "tiny_teacher",
+    "transformers_engine",
+]
