@@ -1,0 +1,135 @@
+"""``tokenbridge serve`` as a real uvicorn process: config file plus flags, msgpack over loopback,
+readiness, and a graceful shutdown on SIGTERM that finishes the request in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from service_support import tiny_teacher
+
+from conftest import CACHE_DIR, REPO
+from tokenbridge.shared.align import encode_continuation
+from tokenbridge.shared.codec import pack, unpack
+from tokenbridge.shared.protocol import ScoredSequence
+
+MSGPACK = {"content-type": "application/msgpack", "authorization": "Bearer k-123"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited early: {process.stderr.read().decode()[-3000:]}")
+        try:
+            response = httpx.get(url + "/readyz", headers=MSGPACK, timeout=2)
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("serve did not become ready")
+
+
+@pytest.fixture
+def served(tmp_path):
+    teacher = tiny_teacher("gpt2")
+    port = _free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        f'teacher = "{teacher}"\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+        "max_top_k = 16\n"
+        "port = 1\n"  # overridden by the flag below: flags win over the file
+    )
+    env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR), "TOKENBRIDGE_API_KEYS": "k-123"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenbridge", "serve", "--config", str(config), "--port", str(port)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+
+
+def test_serve_process_scores_over_loopback_and_drains_on_sigterm(served, bank):
+    url, process = served
+    with httpx.Client(base_url=url, timeout=60) as client:
+        info = unpack(client.get("/v1/info", headers=MSGPACK).content)
+        assert info["max_top_k"] == 16 and info["teacher"]["backend"] == "transformers"
+        assert client.get("/v1/info").status_code == 401
+        registered = client.post(
+            "/v1/tokenizers", content=pack({"name": "llama3", "hub": "llama3"}), headers=MSGPACK
+        )
+        assert registered.status_code == 201
+        student = unpack(registered.content)["id"]
+        ids = encode_continuation(
+            bank.tokenizer("llama3"), bank.vocab("llama3"), "Good night, sweet prince 1601."
+        )
+        body = {"student_tokenizer": student, "top_k": 8,
+                "sequences": [{"prompt": {"text": "HORATIO.\n"}, "completion_ids": ids}] * 4}  # fmt: skip
+        response = client.post("/v1/score", content=pack(body), headers=MSGPACK)
+        assert response.status_code == 200
+        assert response.headers["x-request-id"]
+        decoded = unpack(response.content)
+        rows = [ScoredSequence.from_wire(s, decoded["top_k"]) for s in decoded["sequences"]]
+        assert all(len(r.logprobs_S) == len(ids) and np.isfinite(r.logprobs_S).all() for r in rows)
+        np.testing.assert_array_equal(rows[0].logprobs_S, rows[3].logprobs_S)
+
+        # SIGTERM while a request is in flight: it is answered, then the process exits cleanly.
+        results: list[int] = []
+        big = {**body, "sequences": body["sequences"] * 16}
+        worker = threading.Thread(
+            target=lambda: results.append(
+                client.post("/v1/score", content=pack(big), headers=MSGPACK).status_code
+            )
+        )
+        worker.start()
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        worker.join(60)
+    assert results == [200]
+    # uvicorn re-raises the signal once it has shut down gracefully: -SIGTERM is a clean exit.
+    assert process.wait(60) in (0, -signal.SIGTERM)
+    logs = process.stderr.read().decode()
+    assert '"message": "stopped"' in logs  # the lifespan drained and stopped the engine
+    assert '"message": "request"' in logs and '"route": "/v1/score"' in logs
+    assert "k-123" not in logs
+
+
+def test_serve_refuses_a_bad_config(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('teacher = "x"\nbackend = "tensorflow"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenbridge", "serve", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "backend must be one of" in result.stderr
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('teacher = "x"\ncolour = "red"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenbridge", "serve", "--config", str(unknown)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "unknown keys ['colour']" in result.stderr
