@@ -10,17 +10,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from service_support import tiny_teacher
 
-from conftest import CACHE_DIR, REPO
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
+
+from conftest import CACHE_DIR, REPO
+from service_support import tiny_teacher
 
 MSGPACK = {"content-type": "application/msgpack", "authorization": "Bearer k-123"}
 
@@ -59,9 +59,21 @@ def served(tmp_path):
     )
     env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR), "TOKENBRIDGE_API_KEYS": "k-123"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokenbridge", "serve", "--config", str(config), "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tokenbridge",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process)
@@ -86,8 +98,11 @@ def test_serve_process_scores_over_loopback_and_drains_on_sigterm(served, bank):
         ids = encode_continuation(
             bank.tokenizer("llama3"), bank.vocab("llama3"), "Good night, sweet prince 1601."
         )
-        body = {"student_tokenizer": student, "top_k": 8,
-                "sequences": [{"prompt": {"text": "HORATIO.\n"}, "completion_ids": ids}] * 4}  # fmt: skip
+        body = {
+            "student_tokenizer": student,
+            "top_k": 8,
+            "sequences": [{"prompt": {"text": "HORATIO.\n"}, "completion_ids": ids}] * 4,
+        }
         response = client.post("/v1/score", content=pack(body), headers=MSGPACK)
         assert response.status_code == 200
         assert response.headers["x-request-id"]
@@ -122,14 +137,20 @@ def test_serve_refuses_a_bad_config(tmp_path):
     config.write_text('teacher = "x"\nbackend = "tensorflow"\n')
     result = subprocess.run(
         [sys.executable, "-m", "tokenbridge", "serve", "--config", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "backend must be one of" in result.stderr
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('teacher = "x"\ncolour = "red"\n')
     result = subprocess.run(
         [sys.executable, "-m", "tokenbridge", "serve", "--config", str(unknown)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "unknown keys ['colour']" in result.stderr

@@ -7,6 +7,10 @@ import asyncio
 
 import numpy as np
 import pytest
+
+from tokenbridge.shared.codec import pack, unpack
+from tokenbridge.shared.protocol import ScoredSequence
+
 from service_support import (
     GatedEngine,
     LoopThread,
@@ -16,9 +20,6 @@ from service_support import (
     tiny_teacher,
     transformers_engine,
 )
-
-from tokenbridge.shared.codec import pack, unpack
-from tokenbridge.shared.protocol import ScoredSequence
 
 MSGPACK = {"content-type": "application/msgpack"}
 JSON_ACCEPT = {"accept": "application/json"}
