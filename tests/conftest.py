@@ -73,3 +73,19 @@ class TokenizerBank:
 def bank() -> TokenizerBank:
     """The session's tokenizer bank."""
     return TokenizerBank(CACHE_DIR)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``make test`` (TOKENBRIDGE_REQUIRE_VLLM=1) a missing vLLM is an error, not a skip."""
+    import importlib.util
+
+    wanted = any(item.get_closest_marker("vllm") for item in items)
+    if (
+        wanted
+        and os.environ.get("TOKENBRIDGE_REQUIRE_VLLM")
+        and importlib.util.find_spec("vllm") is None
+    ):
+        raise pytest.UsageError(
+            "vLLM tests were selected with TOKENBRIDGE_REQUIRE_VLLM=1 but vllm is not importable: "
+            "run them with .venv-vllm/bin/python (`make test-vllm`)"
+        )
