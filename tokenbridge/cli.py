@@ -16,6 +16,7 @@ from tokenbridge.configargs import add_config_arguments, config_from_args
 from tokenbridge.demo import DemoConfig, run_demo
 from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, materialise
 from tokenbridge.service.config import ServiceConfig, load_config_file
+from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 __all__ = ["main"]
 
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizers.add_argument("--materialise", action="store_true", help="convert all of them now")
     tokenizers.add_argument("--cache-dir", type=Path, default=_default_cache())
 
+    tiny = commands.add_parser(
+        "tiny-model", help="build a tiny random-init causal LM over a real tokenizer (for trials)"
+    )
+    tiny.add_argument("--out", type=Path, required=True, help="folder to write the model to")
+    add_config_arguments(tiny, TinyModelSpec)
+
     serve = commands.add_parser("serve", help="run the teacher-scoring service (FastAPI + uvicorn)")
     serve.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
     add_config_arguments(serve, ServiceConfig)
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[name]  # type: ignore[no-any-return]
+            return action.choices[name]
     raise KeyError(name)
 
 
@@ -100,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(config_from_args(DemoConfig, args, parser))
+        return 0
+    if args.command == "tiny-model":
+        out = args.out
+        del args.out
+        model = config_from_args(TinyModelSpec, args, _subparser(parser, "tiny-model"))
+        print(build_tiny_model(model, out, _default_cache()))
         return 0
     if args.command == "tokenizers":
         for name, spec in OFFLINE_TOKENIZERS.items():

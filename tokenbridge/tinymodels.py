@@ -12,9 +12,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tokenbridge.hub import load_tokenizer
 
@@ -28,15 +28,19 @@ class TinyModelSpec:
     """Shape of a tiny model. Head size ``hidden // heads`` must be at least 32 for vLLM's CPU
     attention."""
 
-    tokenizer: str
-    architecture: Literal["gpt2", "llama"] = "gpt2"
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    max_positions: int = 1024
-    seed: int = 0
+    tokenizer: str = field(
+        default="gpt2", metadata={"help": "offline tokenizer name, tokenizer folder or hub name"}
+    )
+    architecture: str = field(default="gpt2", metadata={"help": "gpt2 | llama"})
+    hidden: int = field(default=64, metadata={"help": "hidden size"})
+    layers: int = field(default=2, metadata={"help": "transformer layers"})
+    heads: int = field(default=2, metadata={"help": "attention heads"})
+    max_positions: int = field(default=1024, metadata={"help": "longest sequence"})
+    seed: int = field(default=0, metadata={"help": "initialisation seed"})
 
     def __post_init__(self) -> None:
+        if self.architecture not in ("gpt2", "llama"):
+            raise ValueError(f"architecture must be gpt2 or llama; got {self.architecture!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if self.layers < 1 or self.max_positions < 8:
