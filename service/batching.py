@@ -59,6 +59,8 @@ class MicroBatcher(Generic[JobT, ResultT]):
         self._queue: asyncio.Queue[_Waiting[JobT, ResultT]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # Jobs taken off the queue into the batch being collected (failed if the loop stops).
+        self._collecting: list[_Waiting[JobT, ResultT]] = []
         self.batches_run = 0
         self.jobs_dropped = 0
 
@@ -97,7 +99,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
 
     async def _collect(self) -> list[_Waiting[JobT, ResultT]]:
         first = await self._queue.get()
-        batch = [first]
+        batch = self._collecting = [first]
         tokens = first.cost
         deadline = time.monotonic() + self.max_wait_s
         while tokens < self.max_batch_tokens:
@@ -129,7 +131,14 @@ class MicroBatcher(Generic[JobT, ResultT]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            try:
+                batch = await self._collect()
+            except asyncio.CancelledError:
+                for waiting in self._collecting:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(BatcherClosedError("the engine stopped"))
+                raise
+            self._collecting = []
             live = [w for w in batch if not w.future.done()]
             self.jobs_dropped += len(batch) - len(live)
             if not live:

@@ -63,7 +63,7 @@ class ServiceConfig:
         default=8192, metadata={"help": "transformers batcher: most tokens per forward pass"}
     )
     api_keys: tuple[str, ...] = field(
-        default=(), metadata={"help": "Bearer keys accepted (none: no authentication)"}
+        default=(), repr=False, metadata={"help": "Bearer keys accepted (none: no authentication)"}
     )
     api_key_hashes: tuple[str, ...] = field(
         default=(), metadata={"help": "sha256 hex digests of accepted keys"}
@@ -118,7 +118,8 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
     """The ``ServiceConfig`` keys a TOML file sets (unknown keys are an error)."""
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
+        with path.open("rb") as stream:  # TOML is UTF-8 whatever the locale
+            values = tomllib.load(stream)
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ValueError(f"cannot read config file {path}: {error}") from None
     known = {f.name for f in fields(ServiceConfig)}

@@ -226,7 +226,7 @@ class StudentRegistry:
                 "special_tokens.eos_token, or register a causal LM's tokenizer)"
             )
         table = self.tables.pair_table(self.teacher, vocab)
-        mapper = PairMapper(self.teacher, vocab, table)
+        mapper = PairMapper(self.teacher, vocab, table).prepare()
         student_bytes = [b for b, s in zip(vocab.token_bytes, vocab.special, strict=True) if not s]
         teacher_known = self.teacher.id_of_bytes
         overlap = sum(1 for b in student_bytes if b in teacher_known) / max(1, len(student_bytes))

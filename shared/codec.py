@@ -86,7 +86,10 @@ def decode_array(value: dict[str, Any]) -> np.ndarray:
         raise CodecError(
             f"array of dtype {dtype} and shape {shape} needs {expected} bytes; got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as error:  # e.g. a zero-size shape whose sides numpy cannot index
+        raise CodecError(f"array shape {shape} is not usable: {error}") from None
 
 
 def _default(value: Any) -> Any:
@@ -101,6 +104,14 @@ def _object_hook(value: dict[Any, Any]) -> Any:
     if len(value) == 3 and set(value) == _ARRAY_KEYS and isinstance(value["data"], bytes):
         return decode_array(value)
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise CodecError(f"msgpack extension types are not part of the protocol (got type {code})")
 
 
 def to_json_ready(value: Any) -> Any:
@@ -132,20 +143,26 @@ def _nullify(value: Any) -> Any:
 
 def pack(value: Any, content_type: str = MSGPACK) -> bytes:
     """Serialise ``value`` (dicts, lists, scalars and numpy arrays) as msgpack or JSON."""
-    if content_type == JSON:
-        return json.dumps(to_json_ready(value), separators=(",", ":"), allow_nan=False).encode()
-    return msgpack.packb(value, default=_default, use_bin_type=True)
+    try:
+        if content_type == JSON:
+            ready = to_json_ready(value)
+            return json.dumps(ready, separators=(",", ":"), allow_nan=False).encode()
+        return msgpack.packb(value, default=_default, use_bin_type=True)
+    except (TypeError, ValueError) as error:
+        raise CodecError(f"cannot encode the value: {error}") from None
 
 
 def unpack(body: bytes, content_type: str = MSGPACK) -> Any:
     """Parse a msgpack or JSON body (typed arrays become numpy); ``CodecError`` if malformed."""
     if content_type == JSON:
         try:
-            return json.loads(body)
+            return json.loads(body, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as error:
             raise CodecError(f"body is not valid JSON: {error}") from None
     try:
-        return msgpack.unpackb(body, raw=False, object_hook=_object_hook, strict_map_key=True)
+        return msgpack.unpackb(
+            body, raw=False, object_hook=_object_hook, strict_map_key=True, ext_hook=_refuse_ext
+        )
     except CodecError:
         raise
     except (

@@ -227,6 +227,12 @@ class PairMapper:
         ]
         return target_NC, has_bytes_NC & crosses_NC & ~exact_NC
 
+    def prepare(self) -> PairMapper:
+        """Build the per-pair structures now (boundary assignment, student trie) instead of on
+        the first call that needs them, so a service's first request pays nothing extra."""
+        _ = self._boundary_assignment, self.trie
+        return self
+
     @cached_property
     def _boundary_assignment(self) -> tuple[np.ndarray, np.ndarray]:
         """``_assign`` of every teacher id at offset 0, computed once per pair."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import importlib.metadata
 import uuid
 from typing import Any
@@ -162,8 +161,9 @@ class VLLMEngine:
             raise RuntimeError(f"{_INSTALL_HINT} ({error})") from error
 
         args = AsyncEngineArgs(**self._engine_args)
-        # The engine lives only on ``self``, never in a local: some import below keeps this frame
-        # alive, and a local would keep the stopped engine (and its shared memory) with it.
+        # The engine lives only on ``self``, never in a local: an import vLLM makes lazily below
+        # keeps this frame alive, and a local would keep the stopped engine with it until
+        # interpreter exit, where its ``__del__`` fails with a TypeError.
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         # A round trip to the engine core on this loop: it starts vLLM's output task here (so a
         # failure the core reports early is not missed) and proves the core answers.
@@ -188,10 +188,6 @@ class VLLMEngine:
         if engine is not None:
             # ``shutdown`` joins processes with a timeout; keep the loop free while it does.
             await asyncio.to_thread(engine.shutdown)
-            # AsyncLLM sits in reference cycles; left to interpreter exit, its ``__del__`` calls
-            # ``shutdown`` again after module globals are gone and prints a TypeError.
-            del engine
-            gc.collect()
 
     def healthy(self) -> bool:
         """False before ``start``, after ``stop`` and once vLLM's engine core has died."""
