@@ -163,7 +163,7 @@ def main() -> int:
         def forward_only() -> float:
             started = time.perf_counter()
             if args.backend == "transformers":
-                engine.score_batch(jobs)  # type: ignore[attr-defined]
+                engine.score_batch(jobs)
             else:
                 # vLLM's engine lives on the server's event loop: submit the batch there.
                 asyncio.run_coroutine_threadsafe(_score_all(engine, jobs), server.loop).result()
