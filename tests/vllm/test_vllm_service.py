@@ -7,6 +7,11 @@ import os
 
 import numpy as np
 import pytest
+
+from tokenbridge.shared.align import encode_continuation
+from tokenbridge.shared.codec import pack, unpack
+from tokenbridge.shared.protocol import ScoredSequence
+
 from service_support import (
     LoopThread,
     config_for,
@@ -16,11 +21,8 @@ from service_support import (
     transformers_engine,
 )
 
-from tokenbridge.shared.align import encode_continuation
-from tokenbridge.shared.codec import pack, unpack
-from tokenbridge.shared.protocol import ScoredSequence
-
-pytest.importorskip("vllm")
+# tests/ is on sys.path, so a bare "vllm" would find this folder: ask for a real vLLM module.
+pytest.importorskip("vllm.sampling_params")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 pytestmark = pytest.mark.vllm
@@ -104,7 +106,9 @@ def test_vllm_and_transformers_engines_agree_across_families(vllm_app, transform
     _, on_vllm = _score(vllm_app, "llama3", ids)
     _, on_transformers = _score(transformers_app, "llama3", ids)
     np.testing.assert_allclose(on_vllm.logprobs_S, on_transformers.logprobs_S, atol=1e-4)
-    np.testing.assert_allclose(on_vllm.chunk_logprobs_C, on_transformers.chunk_logprobs_C, atol=1e-3)
+    np.testing.assert_allclose(
+        on_vllm.chunk_logprobs_C, on_transformers.chunk_logprobs_C, atol=1e-3
+    )
     assert (on_vllm.topk_ids_SK == on_transformers.topk_ids_SK).mean() > 0.95
     np.testing.assert_array_equal(on_vllm.chunk_ids_S, on_transformers.chunk_ids_S)
 
