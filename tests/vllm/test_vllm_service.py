@@ -50,9 +50,12 @@ def vllm_app(teacher_dir, tmp_path_factory, loop):
 
     engine = VLLMEngine(str(teacher_dir), dtype="float32", max_model_len=512, max_top_k=20)
     config = config_for(
-        teacher_dir, tmp_path_factory.mktemp("vllm-data"), backend="vllm", max_top_k=20,
+        teacher_dir,
+        tmp_path_factory.mktemp("vllm-data"),
+        backend="vllm",
+        max_top_k=20,
         max_model_len=512,
-    )  # fmt: skip
+    )
     with running_app(config, engine=engine, loop=loop) as harness:
         yield harness
 
@@ -68,8 +71,11 @@ def _score(app, student: str, ids: list[int], top_k: int = 10):
     async def go(client):
         registered = await client.post("/v1/tokenizers", json={"name": student, "hub": student})
         assert registered.status_code in (200, 201), registered.text
-        body = {"student_tokenizer": registered.json()["id"], "top_k": top_k,
-                "sequences": [{"prompt": {"text": PROMPT}, "completion_ids": ids}]}  # fmt: skip
+        body = {
+            "student_tokenizer": registered.json()["id"],
+            "top_k": top_k,
+            "sequences": [{"prompt": {"text": PROMPT}, "completion_ids": ids}],
+        }
         return await client.post("/v1/score", content=pack(body), headers=MSGPACK)
 
     response = app.run(go)
@@ -116,15 +122,20 @@ def test_vllm_and_transformers_engines_agree_across_families(vllm_app, transform
 def test_vllm_generate_and_k_limit(vllm_app):
     async def go(client):
         generated = await client.post(
-            "/v1/generate", json={"prompts": [{"text": PROMPT}], "max_tokens": 5, "temperature": 0},
+            "/v1/generate",
+            json={"prompts": [{"text": PROMPT}], "max_tokens": 5, "temperature": 0},
             headers={"accept": "application/json"},
-        )  # fmt: skip
+        )
         student = (await client.post("/v1/tokenizers", json={"name": "gpt2", "hub": "gpt2"})).json()
         too_big = await client.post(
-            "/v1/score", headers={"accept": "application/json"},
-            json={"student_tokenizer": student["id"], "top_k": 21,
-                  "sequences": [{"prompt": {"text": "a"}, "completion_ids": [10]}]},
-        )  # fmt: skip
+            "/v1/score",
+            headers={"accept": "application/json"},
+            json={
+                "student_tokenizer": student["id"],
+                "top_k": 21,
+                "sequences": [{"prompt": {"text": "a"}, "completion_ids": [10]}],
+            },
+        )
         return generated, too_big
 
     generated, too_big = vllm_app.run(go)
