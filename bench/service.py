@@ -115,6 +115,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="transformers engine device (cuda on GPU)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -133,7 +136,9 @@ def main() -> int:
     data_dir = args.cache_dir / "bench-service-data"
     config = ServiceConfig(
         teacher=str(teacher_dir), backend=args.backend, data_dir=data_dir, max_top_k=TOP_K,
-        port=_free_port(), log_level="warning",
+        port=_free_port(), log_level="warning", device=args.device, dtype=args.dtype,
+        max_model_len=args.max_model_len, batch_max_tokens=max(8192, 2 * args.tokens),
+        max_request_tokens=max(65536, 4 * args.tokens),
     )  # fmt: skip
     engine = build_engine(config)
     app = create_app(
@@ -185,6 +190,22 @@ def main() -> int:
         for _ in range(args.repeats):  # interleaved, so drifts hit both alike
             forward.append(forward_only())
             e2e.append(end_to_end()[0])
+        extra: dict[str, Any] = {}
+        if args.backend == "vllm":
+            # Plain prefill of the same sequences, no log-probs: what scoring costs on top of it.
+            def plain() -> float:
+                started = time.perf_counter()
+                asyncio.run_coroutine_threadsafe(
+                    _prefill_all(engine, [list(j.ids) for j in jobs]), server.loop
+                ).result()
+                return time.perf_counter() - started
+
+            plain()
+            prefill = statistics.median(plain() for _ in range(args.repeats))
+            extra = {
+                "plain_prefill_s": prefill,
+                "scoring_over_plain_prefill": statistics.median(forward) / prefill,
+            }
         _, msgpack_body = end_to_end(MSGPACK)
         _, json_body = end_to_end(JSON)
         decoded = unpack(msgpack_body)
@@ -206,6 +227,7 @@ def main() -> int:
             "bytes_per_position_msgpack": len(msgpack_body) / positions,
             "bytes_per_position_json": len(json_body) / positions,
             "positions_per_s": positions / statistics.median(e2e),
+            **extra,
             "repeats": args.repeats,
             "forward_only_runs_s": [round(x, 4) for x in forward],
             "end_to_end_runs_s": [round(x, 4) for x in e2e],
@@ -213,6 +235,10 @@ def main() -> int:
         }
     print(json.dumps(result))
     return 0
+
+
+async def _prefill_all(engine: Any, prompts: list[list[int]]) -> None:
+    await asyncio.gather(*(engine.prefill(p) for p in prompts))
 
 
 async def _score_all(engine: Any, jobs: list[Any]) -> list[Any]:

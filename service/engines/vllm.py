@@ -235,6 +235,13 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM ended request {request_id} without a final output")
         return final
 
+    async def prefill(self, prompt_ids: list[int]) -> None:
+        """Run ``prompt_ids`` through the model with no log-probs asked: plain prefill, the
+        baseline the benchmarks compare scoring with."""
+        from vllm import SamplingParams
+
+        await self._final_output(list(prompt_ids), SamplingParams(max_tokens=1, detokenize=False))
+
     async def score(self, job: ScoreJob) -> PositionScores:
         """The teacher's top-K and actual-token log-probs at ``job.start .. len(ids) - 1``.
 
