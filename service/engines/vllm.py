@@ -240,7 +240,8 @@ class VLLMEngine:
         baseline the benchmarks compare scoring with."""
         from vllm import SamplingParams
 
-        await self._final_output(list(prompt_ids), SamplingParams(max_tokens=1, detokenize=False))
+        ids = np.asarray(prompt_ids, dtype=np.int64).tolist()  # plain ints: vLLM serialises them
+        await self._final_output(ids, SamplingParams(max_tokens=1, detokenize=False))
 
     async def score(self, job: ScoreJob) -> PositionScores:
         """The teacher's top-K and actual-token log-probs at ``job.start .. len(ids) - 1``.
