@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -178,14 +181,41 @@ def config_for(teacher: Path, data_dir: Path, **overrides: Any) -> ServiceConfig
     return ServiceConfig(teacher=str(teacher), data_dir=data_dir, **overrides)
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(
+    url: str, process: subprocess.Popen, timeout: float = 180, headers: dict | None = None
+) -> None:
+    """Poll ``/readyz`` until 200; fail if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited early with status {process.returncode}")
+        try:
+            response = httpx.get(url + "/readyz", headers=headers, timeout=2)
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("serve did not become ready")
+
+
 __all__ = [
     "AppHarness",
     "GatedEngine",
     "LoopThread",
     "config_for",
     "direct_logprobs",
+    "free_port",
     "offline_loader",
     "running_app",
     "tiny_teacher",
     "transformers_engine",
+    "wait_ready",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,36 +19,15 @@ from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
 from conftest import CACHE_DIR, REPO
-from service_support import tiny_teacher
+from service_support import free_port, tiny_teacher, wait_ready
 
 MSGPACK = {"content-type": "application/msgpack", "authorization": "Bearer k-123"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited early: {process.stderr.read().decode()[-3000:]}")
-        try:
-            response = httpx.get(url + "/readyz", headers=MSGPACK, timeout=2)
-            if response.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("serve did not become ready")
 
 
 @pytest.fixture
 def served(tmp_path):
     teacher = tiny_teacher("gpt2")
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
         f'teacher = "{teacher}"\n'
@@ -58,6 +36,8 @@ def served(tmp_path):
         "port = 1\n"  # overridden by the flag below: flags win over the file
     )
     env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR), "TOKENBRIDGE_API_KEYS": "k-123"}
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("wb")  # a file, not a pipe: a full pipe would stall the server
     process = subprocess.Popen(
         [
             sys.executable,
@@ -71,21 +51,22 @@ def served(tmp_path):
         ],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=log,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process)
-        yield url, process
+        wait_ready(url, process, headers=MSGPACK)
+        yield url, process, log_path
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(30)
+        log.close()
 
 
 def test_serve_process_scores_over_loopback_and_drains_on_sigterm(served, bank):
-    url, process = served
+    url, process, log_path = served
     with httpx.Client(base_url=url, timeout=60) as client:
         info = unpack(client.get("/v1/info", headers=MSGPACK).content)
         assert info["max_top_k"] == 16 and info["teacher"]["backend"] == "transformers"
@@ -126,7 +107,7 @@ def test_serve_process_scores_over_loopback_and_drains_on_sigterm(served, bank):
     assert results == [200]
     # uvicorn re-raises the signal once it has shut down gracefully: -SIGTERM is a clean exit.
     assert process.wait(60) in (0, -signal.SIGTERM)
-    logs = process.stderr.read().decode()
+    logs = log_path.read_text()
     assert '"message": "stopped"' in logs  # the lifespan drained and stopped the engine
     assert '"message": "request"' in logs and '"route": "/v1/score"' in logs
     assert "k-123" not in logs
