@@ -8,6 +8,7 @@ never looks past it.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,7 +21,19 @@ __all__ = [
     "PositionScores",
     "ScoreJob",
     "TeacherEngine",
+    "package_versions",
 ]
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """The installed version of each package (``absent`` when it is not installed)."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ never overlap on the same weights and the event loop stays free.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,16 +22,10 @@ from tokenbridge.service.engines.base import (
     GenerateParams,
     PositionScores,
     ScoreJob,
+    package_versions,
 )
 
 __all__ = ["TransformersEngine"]
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
 
 
 class TransformersEngine:
@@ -73,7 +66,7 @@ class TransformersEngine:
             vocab_size=int(config.vocab_size),
             max_top_k=max_top_k,
             max_model_len=self.max_model_len,
-            versions={p: _version(p) for p in ("torch", "transformers", "tokenbridge")},
+            versions=package_versions("torch", "transformers", "tokenbridge"),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
         self._batcher: MicroBatcher[ScoreJob, PositionScores] = MicroBatcher(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib.metadata
 import uuid
 from typing import Any
 
@@ -35,6 +34,7 @@ from tokenbridge.service.engines.base import (
     GenerateParams,
     PositionScores,
     ScoreJob,
+    package_versions,
 )
 from tokenbridge.service.errors import EngineUnavailableError
 
@@ -47,14 +47,6 @@ _INSTALL_HINT = (
 #: Engine arguments that have their own keyword on ``VLLMEngine``; ``info`` reports them, so
 #: ``extra_engine_args`` may not override them behind its back.
 _RESERVED_ARGS = frozenset({"model", "dtype", "max_model_len", "max_logprobs", "revision"})
-
-
-def _version(package: str) -> str:
-    """The installed version of ``package``, or ``absent``."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
 
 
 class VLLMEngine:
@@ -133,7 +125,7 @@ class VLLMEngine:
             vocab_size=int(config.vocab_size),
             max_top_k=max_top_k,
             max_model_len=self.max_model_len,
-            versions={p: _version(p) for p in ("vllm", "torch", "transformers", "tokenbridge")},
+            versions=package_versions("vllm", "torch", "transformers", "tokenbridge"),
         )
         self._engine: Any = None
         self._dead = False
