@@ -7,10 +7,11 @@ the same keys. Environment variables are read only by the command-line entry poi
 from __future__ import annotations
 
 import hashlib
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tokenbridge.configargs import load_toml
 
 __all__ = ["BACKENDS", "ServiceConfig", "hash_api_key", "load_config_file"]
 
@@ -115,15 +116,5 @@ class ServiceConfig:
 
 
 def load_config_file(path: Path | str) -> dict[str, Any]:
-    """The ``ServiceConfig`` keys a TOML file sets (unknown keys are an error)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as stream:  # TOML is UTF-8 whatever the locale
-            values = tomllib.load(stream)
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"cannot read config file {path}: {error}") from None
-    known = {f.name for f in fields(ServiceConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"config file {path} has unknown keys {unknown}; known: {sorted(known)}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    """The ``ServiceConfig`` keys a TOML file sets (unknown keys are an error that names them)."""
+    return load_toml(path, ServiceConfig)

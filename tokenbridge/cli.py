@@ -1,8 +1,9 @@
-"""The ``tokenbridge`` command: ``demo``, ``tokenizers`` and ``serve``.
+"""The ``tokenbridge`` command: demo, tokenizers, tiny-model, serve, train, plot.
 
-Each subcommand's flags are generated from its config dataclass. ``serve`` also reads a TOML file
-(``--config``; flags given on the command line win) and the environment variable
-``TOKENBRIDGE_API_KEYS`` (comma-separated keys, kept off the command line).
+Each subcommand's flags are generated from its config dataclass. ``serve`` and ``train`` also read
+a TOML file (``--config``; flags given on the command line win) and one environment variable each,
+to keep secrets off the command line: ``TOKENBRIDGE_API_KEYS`` (the service's accepted keys,
+comma-separated) and ``TOKENBRIDGE_API_KEY`` (the key the trainer presents).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from tokenbridge.configargs import add_config_arguments, config_from_args
+from tokenbridge.client.config import TrainConfig
+from tokenbridge.configargs import add_config_arguments, config_from_args, load_toml
 from tokenbridge.demo import DemoConfig, run_demo
 from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, materialise
-from tokenbridge.service.config import ServiceConfig, load_config_file
+from tokenbridge.service.config import ServiceConfig
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 __all__ = ["main"]
@@ -54,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the teacher-scoring service (FastAPI + uvicorn)")
     serve.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
     add_config_arguments(serve, ServiceConfig)
+
+    train = commands.add_parser(
+        "train", help="train a student against a teacher service (on-policy distillation or SFT)"
+    )
+    train.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
+    add_config_arguments(train, TrainConfig)
+
+    plot = commands.add_parser("plot", help="draw training curves (metrics.jsonl) to a PNG")
+    plot.add_argument("metrics", type=Path, nargs="+", help="metrics.jsonl file(s) of runs")
+    plot.add_argument("--out", type=Path, required=True, help="PNG to write")
     return parser
 
 
@@ -64,6 +76,41 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
+def _parse_with_config_file(
+    parser: argparse.ArgumentParser,
+    sub: argparse.ArgumentParser,
+    config_type: type,
+    argv: list[str] | None,
+) -> argparse.Namespace:
+    """Parse ``argv`` with a TOML ``--config`` file's values as defaults: flags given win."""
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        try:
+            sub.set_defaults(**load_toml(first.config, config_type))
+        except ValueError as error:
+            sub.error(str(error))
+    return parser.parse_args(argv)
+
+
+def _train(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    from tokenbridge.client.config import TrainConfig
+    from tokenbridge.client.train import main as train_main
+
+    train = _subparser(parser, "train")
+    args = _parse_with_config_file(parser, train, TrainConfig, argv)
+    if args.api_key is None and os.environ.get("TOKENBRIDGE_API_KEY"):
+        args.api_key = os.environ["TOKENBRIDGE_API_KEY"]
+    config = config_from_args(TrainConfig, args, train)
+    summary = train_main(config)
+    print(
+        f"trained {summary.steps} steps, {summary.student_tokens} student tokens, "
+        f"{summary.teacher_tokens} teacher tokens, waited on the teacher "
+        f"{summary.teacher_wait_s:.1f} s of {summary.elapsed_s:.1f} s; metrics: "
+        f"{summary.metrics_path}; checkpoint: {summary.checkpoint_path}"
+    )
+    return 0
+
+
 def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     import uvicorn
 
@@ -72,13 +119,7 @@ def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     from tokenbridge.service.logs import configure_logging
 
     serve = _subparser(parser, "serve")
-    first, _ = parser.parse_known_args(argv)
-    if first.config is not None:
-        try:
-            serve.set_defaults(**load_config_file(first.config))
-        except ValueError as error:
-            serve.error(str(error))
-    args = parser.parse_args(argv)
+    args = _parse_with_config_file(parser, serve, ServiceConfig, argv)
     keys = tuple(k for k in os.environ.get("TOKENBRIDGE_API_KEYS", "").split(",") if k.strip())
     if keys:
         args.api_keys = list(args.api_keys or ()) + [k.strip() for k in keys]
@@ -104,9 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     args, _ = parser.parse_known_args(argv)
     if args.command == "serve":
         return _serve(parser, argv)
+    if args.command == "train":
+        return _train(parser, argv)
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(config_from_args(DemoConfig, args, parser))
+        return 0
+    if args.command == "plot":
+        from tokenbridge.client.plot import plot_metrics
+
+        print(plot_metrics(args.metrics, args.out))
         return 0
     if args.command == "tiny-model":
         out = args.out

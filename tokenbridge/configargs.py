@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["add_config_arguments", "config_from_args"]
+__all__ = ["add_config_arguments", "config_from_args", "load_toml"]
 
 ConfigT = TypeVar("ConfigT")
 
@@ -80,3 +81,22 @@ def config_from_args(
     except (TypeError, ValueError) as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits
+
+
+def load_toml(path: Path | str, config_type: type) -> dict[str, Any]:
+    """The fields of the dataclass ``config_type`` that a TOML file sets.
+
+    Unknown keys are an error that names them; lists become tuples. TOML is read as UTF-8 whatever
+    the locale.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as stream:
+            values = tomllib.load(stream)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"cannot read config file {path}: {error}") from None
+    known = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config file {path} has unknown keys {unknown}; known: {sorted(known)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}

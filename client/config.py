@@ -1,0 +1,100 @@
+"""Training configuration: one frozen dataclass, validated when built.
+
+``tokenbridge train`` generates its flags from ``TrainConfig``; ``--config FILE`` (TOML) gives the
+same keys. Environment variables are read only by the command-line entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenbridge.configargs import load_toml
+
+__all__ = ["LOSSES", "TrainConfig", "load_train_config"]
+
+#: ``reverse_kl``: sampled-token reverse KL as an advantage (telescoped teacher log-probs);
+#: ``semantic_prior``: the founding paper's chunk-level target; ``forward_kl``/``sparse_reverse_kl``
+#: /``jsd``: divergences over the mapped top-K plus a tail atom; ``sft``: supervised fine-tuning on
+#: teacher samples from ``/v1/generate`` (the usual cross-tokenizer baseline).
+LOSSES = ("reverse_kl", "semantic_prior", "forward_kl", "sparse_reverse_kl", "jsd", "sft")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs."""
+
+    student: str = field(default="", metadata={"help": "student model folder or hub name"})
+    teacher_urls: tuple[str, ...] = field(
+        default=("http://127.0.0.1:8000",), metadata={"help": "teacher service URL(s)"}
+    )
+    api_key: str | None = field(default=None, repr=False, metadata={"help": "service API key"})
+    prompts: Path | None = field(
+        default=None,
+        metadata={"help": "JSONL of prompts ({'prompt': text} or {'messages': [...]}) per line"},
+    )
+    eval_prompts: int = field(default=8, metadata={"help": "prompts held out for evaluation"})
+    loss: str = field(default="reverse_kl", metadata={"help": " | ".join(LOSSES)})
+    top_k: int = field(default=20, metadata={"help": "teacher distribution width (sparse losses)"})
+    steps: int = field(default=20, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per step"})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest sampled completion"})
+    temperature: float = field(default=1.0, metadata={"help": "student sampling temperature"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range"})
+    discount: float = field(default=0.0, metadata={"help": "reverse-KL advantage discount"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "generalised JSD mixing weight"})
+    min_mapped_mass: float = field(
+        default=0.0, metadata={"help": "mask positions whose mapped teacher mass is below this"}
+    )
+    require_exact: bool = field(default=False, metadata={"help": "mask positions not exact"})
+    teacher_resubmits: int = field(
+        default=8,
+        metadata={"help": "times a teacher call lost with the teacher is sent again"},
+    )
+    pipeline_depth: int = field(
+        default=1,
+        metadata={"help": "rollouts scored ahead while training (0: no overlap); = staleness"},
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="cpu", metadata={"help": "student device"})
+    out_dir: Path = field(default=Path("runs/student"), metadata={"help": "checkpoints, metrics"})
+    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    eval_every: int = field(default=10, metadata={"help": "steps between evaluations"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir's checkpoint"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {LOSSES}; got {self.loss!r}")
+        if not self.teacher_urls:
+            problems.append("teacher_urls needs at least one URL")
+        for name in ("top_k", "steps", "batch_size", "max_new_tokens", "checkpoint_every",
+                     "eval_every"):  # fmt: skip
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if min(self.pipeline_depth, self.warmup_steps, self.eval_prompts,
+               self.teacher_resubmits) < 0:  # fmt: skip
+            problems.append(
+                "pipeline_depth, warmup_steps, eval_prompts and teacher_resubmits must be >= 0"
+            )
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0 or self.temperature < 0:
+            problems.append("learning_rate and max_grad_norm must be > 0, temperature >= 0")
+        if not 0 <= self.discount <= 1 or not 0 < self.jsd_beta < 1:
+            problems.append("discount must lie in [0, 1] and jsd_beta in (0, 1)")
+        if not 0 <= self.min_mapped_mass <= 1:
+            problems.append("min_mapped_mass must lie in [0, 1]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", Path(self.prompts))
+
+
+def load_train_config(path: Path | str) -> dict[str, Any]:
+    """The ``TrainConfig`` keys a TOML file sets (unknown keys are an error that names them)."""
+    return load_toml(path, TrainConfig)

@@ -1,0 +1,566 @@
+"""The student's on-policy trainer: ``main(cfg)`` reads top to bottom.
+
+eval → rollout → score (asynchronously, ``pipeline_depth`` rollouts ahead, so teacher scoring
+overlaps sampling and the optimiser step; staleness = depth, reported) → loss → optimiser step →
+log → checkpoint. Checkpoints hold the model, optimiser, scheduler, every RNG, the data position
+and the rollouts still in the pipeline, so ``resume`` continues exactly where the run stopped.
+Under ``torchrun`` each rank samples its own prompts and calls the teacher itself; gradients are
+averaged by DDP; rank 0 writes metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenbridge.client import losses
+from tokenbridge.client.config import TrainConfig
+from tokenbridge.client.errors import TeacherUnavailableError
+from tokenbridge.client.rollout import Prompt, Rollout, completion_logprobs, sample
+from tokenbridge.client.teacher import TeacherClient, TeacherClientConfig
+from tokenbridge.shared.protocol import ScoredSequence
+
+__all__ = ["PromptStream", "TrainSummary", "load_prompts", "main"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+DEFAULT_PROMPTS: tuple[str, ...] = tuple(
+    f"{speaker}.\n{line}"
+    for speaker, line in (
+        ("HAMLET", "To be, or not to be,"),
+        ("OPHELIA", "Good my lord,"),
+        ("HORATIO", "Hail to your lordship!"),
+        ("POLONIUS", "Though this be madness,"),
+        ("GERTRUDE", "Good Hamlet, cast thy nighted colour off,"),
+        ("CLAUDIUS", "Though yet of Hamlet our dear brother's death"),
+        ("LAERTES", "My necessaries are embark'd."),
+        ("MARCELLUS", "Something is rotten in the state of Denmark."),
+        ("GHOST", "Mark me."),
+        ("BERNARDO", "Who's there?"),
+        ("FRANCISCO", "Nay, answer me."),
+        ("ROSENCRANTZ", "My honoured lord!"),
+    )
+)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def load_prompts(path: Path | None) -> list[Prompt]:
+    """Prompts from a JSONL file (``{"prompt": text}`` or ``{"messages": [...]}`` per line), or a
+    small built-in set of Shakespeare openings when no file is given."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    prompts: list[Prompt] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            prompts.append(item["prompt"])
+        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
+            prompts.append(item["messages"])
+        else:
+            raise ValueError(f"{path}:{number}: needs 'prompt' (text) or 'messages' (a list)")
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+class PromptStream:
+    """An endless, seeded, reshuffled-per-epoch stream of prompts; its position is checkpointed."""
+
+    def __init__(self, prompts: list[Prompt], seed: int, position: int = 0) -> None:
+        self.prompts = prompts
+        self.seed = seed
+        self.position = position
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[Prompt]:
+        """The next ``count`` prompts."""
+        out = []
+        for _ in range(count):
+            epoch, index = divmod(self.position, len(self.prompts))
+            out.append(self.prompts[self._order(epoch)[index]])
+            self.position += 1
+        return out
+
+
+# -- the teacher, on a background event loop -------------------------------------------------------
+
+
+class _TeacherRunner:
+    """A ``TeacherClient`` living on its own event loop thread; calls return futures, so the
+    training loop can keep working while the teacher scores."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        config = TeacherClientConfig(urls=cfg.teacher_urls, api_key=cfg.api_key, top_k=cfg.top_k)
+        self.client = TeacherClient(config, student_tokenizer=tokenizer)
+        self._call(self.client.__aenter__()).result()
+
+    def _call(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def score(self, rollout: Rollout) -> Future[Any]:
+        """Start scoring ``rollout``'s completions."""
+        return self._call(self.client.score(rollout.score_sequences()))
+
+    def generate(self, prompts: list[Prompt], max_tokens: int, seed: int) -> Future[Any]:
+        """Start sampling teacher completions (the SFT baseline)."""
+        from tokenbridge.client.rollout import wire_prompt
+
+        return self._call(
+            self.client.generate(
+                [wire_prompt(p) for p in prompts], max_tokens=max_tokens, seed=seed
+            )
+        )
+
+    def close(self) -> None:
+        """Close the client and stop the loop."""
+        with contextlib.suppress(Exception):
+            self._call(self.client.__aexit__(None, None, None)).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+# -- one step's loss -------------------------------------------------------------------------------
+
+
+def _padded(values: list[np.ndarray], width: int, fill: float, dtype: Any) -> torch.Tensor:
+    out = np.full((len(values), width, *values[0].shape[1:]) if values else (0, width), fill)
+    for b, row in enumerate(values):
+        out[b, : len(row)] = row
+    return torch.as_tensor(out, dtype=dtype)
+
+
+def _batch_loss(
+    cfg: TrainConfig, model: Any, rollout: Rollout, scored: list[ScoredSequence]
+) -> losses.LossOutput:
+    """The configured loss of one scored rollout, with gradients into ``model``."""
+    sparse = cfg.loss in ("forward_kl", "sparse_reverse_kl", "jsd")
+    logprobs_BT, valid_BT, logprobs_BTV = completion_logprobs(
+        model, rollout.prompt_ids, rollout.completion_ids, full=sparse
+    )
+    width = logprobs_BT.shape[1]
+    device = logprobs_BT.device
+    old_BT = _padded(rollout.old_logprobs, width, 0.0, torch.float32).to(device)
+    teacher_BT = _padded([s.logprobs_S for s in scored], width, np.nan, torch.float32).to(device)
+    exact_BT = _padded([s.exact_S for s in scored], width, False, torch.bool).to(device)
+    mapped_BT = _padded(
+        [1.0 - s.tail_mass_S - s.unresolved_mass_S for s in scored], width, np.nan, torch.float32
+    ).to(device)
+    mask_BT = losses.position_mask(
+        valid_BT,
+        teacher_logprobs_BT=teacher_BT,
+        exact_BT=exact_BT,
+        mapped_mass_BT=mapped_BT,
+        min_mapped_mass=cfg.min_mapped_mass,
+        require_exact=cfg.require_exact,
+    )
+    if cfg.loss == "reverse_kl":
+        return losses.reverse_kl_advantage_loss(
+            logprobs_BT, old_BT, torch.nan_to_num(teacher_BT), mask_BT,
+            discount=cfg.discount, clip="ppo", clip_eps=cfg.clip_eps,
+        )  # fmt: skip
+    if cfg.loss == "semantic_prior":
+        chunks = max(1, max(len(s.chunk_logprobs_C) for s in scored))
+        # -1: padding belongs to no chunk (a real id there would cancel that chunk).
+        chunk_ids_BT = _padded([s.chunk_ids_S for s in scored], width, -1, torch.long).to(device)
+        chunk_BC = _padded([s.chunk_logprobs_C for s in scored], chunks, np.nan, torch.float32)
+        return losses.semantic_prior_loss(
+            logprobs_BT, old_BT, chunk_ids_BT, chunk_BC.to(device), mask_BT, clip_eps=cfg.clip_eps
+        )
+    assert logprobs_BTV is not None
+    kind = {"forward_kl": "forward", "sparse_reverse_kl": "reverse", "jsd": "jsd"}[cfg.loss]
+    sampled_BT = _padded(
+        [np.asarray(c, dtype=np.int64) for c in rollout.completion_ids], width, 0, torch.long
+    ).to(device)
+    topk_ids_BTK = _padded([s.topk_ids_SK for s in scored], width, -1, torch.long).to(device)
+    topk_lps_BTK = _padded([s.topk_logprobs_SK for s in scored], width, -np.inf, torch.float32)
+    return losses.sparse_divergence_loss(
+        logprobs_BTV, sampled_BT, topk_ids_BTK, topk_lps_BTK.to(device),
+        torch.nan_to_num(teacher_BT, nan=-np.inf), mask_BT, kind=kind, beta=cfg.jsd_beta,
+    )  # fmt: skip
+
+
+def _sft_loss(model: Any, rollout: Rollout) -> losses.LossOutput:
+    """Negative log-likelihood of teacher-written completions (the SFT baseline)."""
+    logprobs_BT, mask_BT, _ = completion_logprobs(model, rollout.prompt_ids, rollout.completion_ids)
+    count = mask_BT.sum().clamp(min=1)
+    loss = -(logprobs_BT * mask_BT).sum() / count
+    return losses.LossOutput(
+        loss=loss, metrics={"nll": float(loss.detach()), "tokens": float(count)}
+    )
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)  # a crash mid-write never leaves a broken checkpoint
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a run did: steps, tokens, time waiting on the teacher, final metrics, files."""
+
+    steps: int
+    student_tokens: int
+    teacher_tokens: int
+    teacher_wait_s: float
+    elapsed_s: float
+    final_metrics: dict[str, float]
+    metrics_path: Path
+    checkpoint_path: Path
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def _load_student(cfg: TrainConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not cfg.student:
+        raise ValueError("no student given: pass --student PATH_OR_HUB")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+    return tokenizer, model.to(cfg.device)
+
+
+@contextlib.contextmanager
+def _metrics_writer(path: Path, keep_below_step: int, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield lambda record: None
+        return
+    kept: list[str] = []
+    if path.exists():
+        # On resume, drop lines of steps that the checkpoint does not include.
+        kept = [
+            line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= keep_below_step
+        ]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as stream:
+        for line in kept:
+            stream.write(line + "\n")
+
+        def write(record: dict[str, Any]) -> None:
+            stream.write(json.dumps(record) + "\n")
+            stream.flush()
+
+        yield write
+
+
+def main(cfg: TrainConfig) -> TrainSummary:
+    """Train ``cfg.student`` against the teacher service; return what the run did."""
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    tokenizer, model = _load_student(cfg)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    warmup = max(1, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / warmup)
+    )
+    all_prompts = load_prompts(cfg.prompts)
+    eval_prompts = all_prompts[: cfg.eval_prompts] if len(all_prompts) > cfg.eval_prompts else []
+    train_prompts = all_prompts[len(eval_prompts) :]
+    # Each rank reads its own slice of every step's prompts: positions interleave by rank.
+    stream = PromptStream(train_prompts, cfg.seed)
+    out_dir = cfg.out_dir
+    checkpoint_path = out_dir / CHECKPOINT
+    step = 0
+    pending_states: list[dict[str, Any]] = []
+    totals = {"student_tokens": 0, "teacher_tokens": 0, "teacher_wait_s": 0.0}
+    if cfg.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"][rank])
+        stream.position = state["data_position"][rank]
+        step = state["step"]
+        pending_states = state["pending"][rank]
+        totals = state["totals"]
+    elif cfg.resume:
+        raise FileNotFoundError(f"--resume given but {checkpoint_path} does not exist")
+
+    teacher = _TeacherRunner(cfg, tokenizer)
+    started = time.perf_counter()
+    last: dict[str, float] = {}
+    pipeline: deque[_Pending] = deque()
+
+    def submit(rollout: Rollout, seed: int) -> _Pending:
+        if cfg.loss == "sft":
+            # The teacher writes the completions; the student's tokens of them are the rollout.
+            return _Pending(
+                rollout, teacher.generate(rollout.prompts, cfg.max_new_tokens, seed), seed
+            )
+        return _Pending(rollout, teacher.score(rollout), seed)
+
+    def new_rollout() -> _Pending:
+        seed = cfg.seed * 1_000_003 + stream.position
+        prompts = stream.take(cfg.batch_size * world)[rank::world]
+        if cfg.loss == "sft":
+            return submit(Rollout(prompts, [], [], []), seed)
+        rollout = sample(
+            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+        )  # fmt: skip
+        return submit(rollout, seed)
+
+    # Rollouts that were in the pipeline when the checkpoint was written: scored again (the
+    # teacher is deterministic), never sampled again, so no step is lost or repeated.
+    for saved in pending_states:
+        pipeline.append(submit(Rollout.from_state(saved["rollout"]), saved["seed"]))
+
+    progress = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
+    try:
+        with _metrics_writer(out_dir / METRICS, step, rank == 0) as log:
+            while step < cfg.steps:
+                step_started = time.perf_counter()
+                # Keep the pipeline full: these rollouts are scored while this step trains.
+                while len(pipeline) < cfg.pipeline_depth + 1:
+                    pipeline.append(new_rollout())
+                pending = pipeline.popleft()
+                rollout = pending.rollout
+                waited = time.perf_counter()
+                answer = _answer(pending, submit, cfg.teacher_resubmits, totals)
+                wait_s = time.perf_counter() - waited
+                if cfg.loss == "sft":
+                    rollout = _teacher_rollout(tokenizer, rollout.prompts, answer)
+                    teacher_tokens = _usage_tokens(answer)
+                    output = _sft_loss(trained, rollout)
+                else:
+                    teacher_tokens = _usage_tokens(answer)
+                    output = _batch_loss(cfg, trained, rollout, list(answer.sequences))
+                optimiser.zero_grad(set_to_none=True)
+                output.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimiser.step()
+                scheduler.step()
+                step += 1
+                step_s = time.perf_counter() - step_started
+                totals["student_tokens"] += rollout.tokens
+                totals["teacher_tokens"] += teacher_tokens
+                totals["teacher_wait_s"] += wait_s
+                last = {
+                    "step": step,
+                    "loss": float(output.loss.detach()),
+                    **{k: float(v) for k, v in output.metrics.items()},
+                    "grad_norm": float(grad_norm),
+                    "lr": float(scheduler.get_last_lr()[0]),
+                    "student_tokens": rollout.tokens,
+                    "tokens_per_s": rollout.tokens / step_s if step_s > 0 else 0.0,
+                    "step_s": step_s,
+                    "teacher_wait_s": wait_s,
+                    "teacher_wait_fraction": wait_s / step_s if step_s > 0 else 0.0,
+                    "staleness": cfg.pipeline_depth,
+                    "teacher_tokens_total": totals["teacher_tokens"],
+                    "teacher_resubmits_total": totals.get("resubmits", 0),
+                    **{
+                        f"teacher_{name}_total": float(value)
+                        for name, value in teacher.client.stats.as_dict().items()
+                        if name in ("retries", "failovers", "reregistrations")
+                    },
+                }
+                evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+                if eval_prompts and rank == 0 and evaluate:
+                    last.update(_evaluate(cfg, model, tokenizer, teacher, eval_prompts))
+                log(last)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(
+                        loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                        wait=f"{last['teacher_wait_fraction']:.0%}",
+                    )  # fmt: skip
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    _checkpoint(
+                        checkpoint_path, model, optimiser, scheduler, step, stream, pipeline,
+                        totals, rank, world,
+                    )  # fmt: skip
+    finally:
+        if progress is not None:
+            progress.close()
+        for pending in pipeline:
+            pending.future.cancel()
+        teacher.close()
+    return TrainSummary(
+        steps=step,
+        student_tokens=int(totals["student_tokens"]),
+        teacher_tokens=int(totals["teacher_tokens"]),
+        teacher_wait_s=float(totals["teacher_wait_s"]),
+        elapsed_s=time.perf_counter() - started,
+        final_metrics=last,
+        metrics_path=out_dir / METRICS,
+        checkpoint_path=checkpoint_path,
+    )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A rollout in the pipeline, its teacher call in flight, and the seed that call used."""
+
+    rollout: Rollout
+    future: Future[Any]
+    seed: int
+
+
+def _answer(pending: _Pending, submit: Any, resubmits: int, totals: dict[str, Any]) -> Any:
+    """The teacher's answer for ``pending``; a call lost with the teacher (killed mid-request,
+    restarted) is sent again, since the teacher's answer does not depend on which call gets it.
+    Nothing is sampled again, so no step is lost or repeated."""
+    for attempt in range(resubmits + 1):
+        try:
+            return pending.future.result()
+        except TeacherUnavailableError:
+            if attempt == resubmits:
+                raise
+            time.sleep(min(30.0, 2.0**attempt))
+            totals["resubmits"] = totals.get("resubmits", 0) + 1
+            pending = submit(pending.rollout, pending.seed)
+    raise AssertionError("unreachable")
+
+
+def _gather(value: Any, world: int) -> list[Any]:
+    """``value`` of every rank, in rank order (every rank must call this)."""
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _checkpoint(
+    path: Path, model: Any, optimiser: Any, scheduler: Any, step: int, stream: PromptStream,
+    pipeline: deque[_Pending], totals: dict[str, Any], rank: int, world: int,
+) -> None:  # fmt: skip
+    """Write the checkpoint (rank 0), with every rank's RNG, data position and pipeline."""
+    pending = [{"rollout": p.rollout.to_state(), "seed": p.seed} for p in pipeline]
+    per_rank = _gather(
+        {"rng": _rng_state(), "position": stream.position, "pending": pending}, world
+    )
+    if rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": [r["rng"] for r in per_rank],
+            "data_position": [r["position"] for r in per_rank],
+            "pending": [r["pending"] for r in per_rank],
+            "step": step,
+            "totals": dict(totals),
+            "format": 1,
+        },
+    )
+
+
+def _usage_tokens(answer: Any) -> int:
+    usage = getattr(answer, "usage", None) or {}
+    return int(usage.get("teacher_prompt_tokens", 0)) + int(
+        usage.get("teacher_completion_tokens", 0)
+    )
+
+
+def _teacher_rollout(tokenizer: Any, prompts: list[Prompt], answer: Any) -> Rollout:
+    from tokenbridge.client.rollout import render_student_prompt
+
+    prompt_ids = [render_student_prompt(tokenizer, p) for p in prompts]
+    completions = []
+    for item in answer.completions:
+        ids = tokenizer.encode(item.text, add_special_tokens=False)
+        if item.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        completions.append(ids or [tokenizer.eos_token_id])
+    return Rollout(list(prompts), prompt_ids, completions, [np.zeros(len(c)) for c in completions])
+
+
+@torch.no_grad()
+def _evaluate(
+    cfg: TrainConfig, model: Any, tokenizer: Any, teacher: _TeacherRunner, prompts: list[Prompt]
+) -> dict[str, float]:
+    """Reverse KL to the teacher per token and per byte on held-out prompts (seeded samples)."""
+    state = _rng_state()
+    try:
+        rollout = sample(
+            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+            generator_seed=cfg.seed + 12345,
+        )  # fmt: skip
+    finally:
+        _set_rng_state(state)  # evaluation never shifts the training run's randomness
+    answer = teacher.score(rollout).result()
+    gap, tokens, total_bytes = 0.0, 0, 0
+    for old, scored in zip(rollout.old_logprobs, answer.sequences, strict=True):
+        finite = np.isfinite(scored.logprobs_S)
+        gap += float((old[finite] - scored.logprobs_S[finite]).sum())
+        tokens += int(finite.sum())
+        total_bytes += int(scored.alignment.get("total_bytes", 0))
+    return {
+        "eval_reverse_kl_per_token": gap / max(1, tokens),
+        "eval_reverse_kl_per_byte": gap / max(1, total_bytes),
+        "eval_student_logprob_per_token": float(
+            sum(o.sum() for o in rollout.old_logprobs) / max(1, rollout.tokens)
+        ),
+    }
