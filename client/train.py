@@ -290,6 +290,7 @@ def _metrics_writer(path: Path, keep_below_step: int, enabled: bool) -> Iterator
             if line.strip() and json.loads(line).get("step", 0) <= keep_below_step
         ]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
+    board = _tensorboard(path.parent / "tensorboard")
     with path.open("w") as stream:
         for line in kept:
             stream.write(line + "\n")
@@ -297,8 +298,28 @@ def _metrics_writer(path: Path, keep_below_step: int, enabled: bool) -> Iterator
         def write(record: dict[str, Any]) -> None:
             stream.write(json.dumps(record) + "\n")
             stream.flush()
+            if board is not None:
+                for name, value in record.items():
+                    if name != "step" and isinstance(value, int | float):
+                        board.add_scalar(name, value, record["step"])
+                board.flush()
 
-        yield write
+        try:
+            yield write
+        finally:
+            if board is not None:
+                board.close()
+
+
+def _tensorboard(folder: Path) -> Any:
+    """A TensorBoard writer when the ``tensorboard`` package is installed, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
 
 
 def main(cfg: TrainConfig) -> TrainSummary:

@@ -92,6 +92,7 @@ def test_two_steps_of_every_loss(loss, student_dir, service_url, tmp_path):
         assert 0 <= record["teacher_wait_fraction"] <= 1
     assert summary.teacher_tokens > 0 and summary.student_tokens > 0
     assert "eval_reverse_kl_per_token" in records[-1]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard too
     before = _initial_weights(student_dir)
     after = _weights(summary.checkpoint_path)
     assert any(not torch.equal(before[k], after[k]) for k in before), "no weight moved"
