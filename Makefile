@@ -57,6 +57,7 @@ test-vllm: $(VLLM_STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/mapping.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/pipeline.py
 
 bench-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python bench/service.py --backend vllm
