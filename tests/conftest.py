@@ -89,3 +89,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "vLLM tests were selected with TOKENBRIDGE_REQUIRE_VLLM=1 but vllm is not importable: "
             "run them with .venv-vllm/bin/python (`make test-vllm`)"
         )
+
+
+@pytest.fixture(scope="module")
+def teacher_dir() -> Path:
+    """A tiny random-init GPT-2 teacher over the real GPT-2 tokenizer (built once, cached)."""
+    from service_support import tiny_teacher
+
+    return tiny_teacher("gpt2")
+
+
+@pytest.fixture(scope="module")
+def loop() -> Any:
+    """An event loop in a background thread, shared by a module's in-process apps."""
+    from service_support import LoopThread
+
+    thread = LoopThread()
+    yield thread
+    thread.close()

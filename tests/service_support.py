@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -206,6 +208,43 @@ def wait_ready(
     raise AssertionError("serve did not become ready")
 
 
+@contextlib.contextmanager
+def serve_process(
+    args: list[str],
+    folder: Path,
+    *,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 180,
+) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """``tokenbridge serve ARGS --port P`` as a process, ready; yields (url, process, log path).
+
+    Its output goes to a file, not a pipe (a full pipe would stall the server); the process is
+    terminated (then killed) on exit unless the test already stopped it.
+    """
+    from conftest import CACHE_DIR, REPO
+
+    port = port or free_port()
+    log_path = folder / f"serve-{port}.log"
+    command = [sys.executable, "-m", "tokenbridge", "serve", *args, "--port", str(port)]
+    full_env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR), **(env or {})}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process, timeout=timeout, headers=headers)
+            yield url, process, log_path
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(30)
+
+
 __all__ = [
     "AppHarness",
     "GatedEngine",
@@ -215,6 +254,7 @@ __all__ = [
     "free_port",
     "offline_loader",
     "running_app",
+    "serve_process",
     "tiny_teacher",
     "transformers_engine",
     "wait_ready",

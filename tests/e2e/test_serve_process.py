@@ -3,7 +3,6 @@ readiness, and a graceful shutdown on SIGTERM that finishes the request in fligh
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,51 +17,24 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from conftest import CACHE_DIR, REPO
-from service_support import free_port, tiny_teacher, wait_ready
+from conftest import REPO
+from service_support import serve_process, tiny_teacher
 
 MSGPACK = {"content-type": "application/msgpack", "authorization": "Bearer k-123"}
 
 
 @pytest.fixture
 def served(tmp_path):
-    teacher = tiny_teacher("gpt2")
-    port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
-        f'teacher = "{teacher}"\n'
+        f'teacher = "{tiny_teacher("gpt2")}"\n'
         f'data_dir = "{tmp_path / "data"}"\n'
         "max_top_k = 16\n"
-        "port = 1\n"  # overridden by the flag below: flags win over the file
+        "port = 1\n"  # overridden by the --port flag: flags win over the file
     )
-    env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR), "TOKENBRIDGE_API_KEYS": "k-123"}
-    log_path = tmp_path / "serve.log"
-    log = log_path.open("wb")  # a file, not a pipe: a full pipe would stall the server
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokenbridge",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, headers=MSGPACK)
-        yield url, process, log_path
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
-        log.close()
+    keys = {"TOKENBRIDGE_API_KEYS": "k-123"}
+    with serve_process(["--config", str(config)], tmp_path, env=keys, headers=MSGPACK) as served:
+        yield served
 
 
 def test_serve_process_scores_over_loopback_and_drains_on_sigterm(served, bank):

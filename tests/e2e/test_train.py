@@ -19,38 +19,22 @@ from tokenbridge.client.config import LOSSES, TrainConfig
 from tokenbridge.client.train import main as train_main
 
 from conftest import CACHE_DIR, REPO
-from service_support import free_port, tiny_teacher, wait_ready
+from service_support import free_port, serve_process, tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    log = (folder / "serve.log").open("wb")
-    command = [
-        sys.executable,
-        "-m",
-        "tokenbridge",
-        "serve",
+    args = [
         "--teacher",
         str(tiny_teacher("gpt2")),
-        "--port",
-        str(port),
         "--data-dir",
         str(folder / "data"),
         "--max-top-k",
         "16",
     ]
-    env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
+    with serve_process(args, folder) as (url, _, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(60)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -217,50 +201,31 @@ def test_training_survives_a_teacher_killed_and_restarted(student_dir, tmp_path)
     """The service dies mid-run (SIGKILL) and comes back on the same port and data folder:
     the trainer waits, sends the lost calls again, and no step is lost or repeated."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "tokenbridge",
-        "serve",
+    args = [
         "--teacher",
         str(tiny_teacher("gpt2")),
-        "--port",
-        str(port),
         "--data-dir",
         str(tmp_path / "data"),
         "--max-top-k",
         "16",
     ]
-    env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR)}
-    log = (tmp_path / "serve.log").open("wb")
-
-    def start():
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-        wait_ready(url, process)
-        return process
-
-    server = start()
+    url = f"http://127.0.0.1:{port}"
     config = _config(student_dir, url, tmp_path / "run", steps=6, pipeline_depth=1, eval_prompts=0)
     outcome = {}
     trainer = threading.Thread(target=lambda: outcome.setdefault("summary", train_main(config)))
-    trainer.start()
     metrics = tmp_path / "run" / "metrics.jsonl"
-    try:
+    with serve_process(args, tmp_path, port=port) as (_, first, _):
+        trainer.start()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
                 break
             time.sleep(0.1)
-        server.kill()
-        server.wait(30)
-        time.sleep(2)
-        server = start()
+        first.kill()
+        first.wait(30)
+    time.sleep(2)
+    with serve_process(args, tmp_path, port=port):  # same port, same data folder
         trainer.join(600)
-    finally:
-        server.terminate()
-        server.wait(60)
-        log.close()
     assert not trainer.is_alive()
     assert outcome["summary"].steps == 6
     records = [json.loads(line) for line in metrics.read_text().splitlines()]

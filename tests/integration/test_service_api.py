@@ -13,11 +13,9 @@ from tokenbridge.shared.protocol import ScoredSequence
 
 from service_support import (
     GatedEngine,
-    LoopThread,
     config_for,
     direct_logprobs,
     running_app,
-    tiny_teacher,
     transformers_engine,
 )
 
@@ -25,18 +23,6 @@ MSGPACK = {"content-type": "application/msgpack"}
 JSON_ACCEPT = {"accept": "application/json"}
 PROMPT = "HAMLET.\n"
 TEXT = "To be, or not to be: in 1601 the Globe sold 31536 seats 🎭 to the king."
-
-
-@pytest.fixture(scope="module")
-def teacher_dir():
-    return tiny_teacher("gpt2")
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

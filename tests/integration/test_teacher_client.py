@@ -38,11 +38,9 @@ from tokenbridge.shared.protocol import ScoredSequence
 
 from conftest import CACHE_DIR, REPO
 from service_support import (
-    LoopThread,
     config_for,
     free_port,
     running_app,
-    tiny_teacher,
     wait_ready,
 )
 
@@ -63,18 +61,6 @@ FIELDS = (
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def teacher_dir() -> Path:
-    return tiny_teacher("gpt2")
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

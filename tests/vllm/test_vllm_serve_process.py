@@ -3,10 +3,7 @@ lifespan, scores over loopback, and SIGTERM shuts its worker processes down."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
 import httpx
 import numpy as np
@@ -16,8 +13,7 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from conftest import CACHE_DIR, REPO
-from service_support import free_port, tiny_teacher, wait_ready
+from service_support import serve_process, tiny_teacher
 
 # tests/ is on sys.path, so a bare "vllm" would find this folder: ask for a real vLLM module.
 pytest.importorskip("vllm.sampling_params")
@@ -26,13 +22,7 @@ pytestmark = pytest.mark.vllm
 
 
 def test_serve_with_the_vllm_backend(tmp_path, bank):
-    port = free_port()
-    env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "tokenbridge",
-        "serve",
+    args = [
         "--teacher",
         str(tiny_teacher("gpt2")),
         "--backend",
@@ -45,15 +35,10 @@ def test_serve_with_the_vllm_backend(tmp_path, bank):
         "20",
         "--data-dir",
         str(tmp_path),
-        "--port",
-        str(port),
     ]
-    log_path = tmp_path / "serve.log"
-    log = log_path.open("wb")  # a file, not a pipe: vLLM's start-up logs would fill a pipe
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, timeout=300)
+    vllm_env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    with serve_process(args, tmp_path, env=vllm_env, timeout=300) as served:
+        url, process, log_path = served
         with httpx.Client(base_url=url, timeout=120) as client:
             info = client.get("/v1/info", headers={"accept": "application/json"}).json()
             assert info["teacher"]["backend"] == "vllm" and info["max_top_k"] == 20
@@ -77,9 +62,4 @@ def test_serve_with_the_vllm_backend(tmp_path, bank):
             assert seq.chunk_logprobs_C.sum() == pytest.approx(seq.logprobs_S.sum(), abs=1e-3)
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) in (0, -signal.SIGTERM)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
-        log.close()
     assert '"message": "stopped"' in log_path.read_text()

@@ -13,11 +13,9 @@ from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
 from service_support import (
-    LoopThread,
     config_for,
     direct_logprobs,
     running_app,
-    tiny_teacher,
     transformers_engine,
 )
 
@@ -30,18 +28,6 @@ pytestmark = pytest.mark.vllm
 MSGPACK = {"content-type": "application/msgpack"}
 PROMPT = "HAMLET.\n"
 TEXT = "To be, or not to be: in 1601 the Globe sold 31536 seats 🎭 to the king."
-
-
-@pytest.fixture(scope="module")
-def teacher_dir():
-    return tiny_teacher("gpt2")
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")
