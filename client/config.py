@@ -41,6 +41,10 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "prompts per step"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest sampled completion"})
     temperature: float = field(default=1.0, metadata={"help": "student sampling temperature"})
+    sampler: str = field(
+        default="transformers",
+        metadata={"help": "student sampling: transformers (generate) | vllm (weights synced)"},
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
@@ -69,6 +73,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.sampler not in ("transformers", "vllm"):
+            problems.append(f"sampler must be transformers or vllm; got {self.sampler!r}")
         if self.loss not in LOSSES:
             problems.append(f"loss must be one of {LOSSES}; got {self.loss!r}")
         if not self.teacher_urls:

@@ -361,6 +361,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
         raise FileNotFoundError(f"--resume given but {checkpoint_path} does not exist")
 
     teacher = _TeacherRunner(cfg, tokenizer)
+    sampler, close_sampler = _sampler(cfg, tokenizer)
     started = time.perf_counter()
     last: dict[str, float] = {}
     pipeline: deque[_Pending] = deque()
@@ -378,7 +379,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
         prompts = stream.take(cfg.batch_size * world)[rank::world]
         if cfg.loss == "sft":
             return submit(Rollout(prompts, [], [], []), seed)
-        rollout = sample(
+        rollout = sampler(
             model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
         )  # fmt: skip
@@ -464,6 +465,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
         for pending in pipeline:
             pending.future.cancel()
         teacher.close()
+        close_sampler()
     return TrainSummary(
         steps=step,
         student_tokens=int(totals["student_tokens"]),
@@ -474,6 +476,25 @@ def main(cfg: TrainConfig) -> TrainSummary:
         metrics_path=out_dir / METRICS,
         checkpoint_path=checkpoint_path,
     )
+
+
+def _sampler(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any]:
+    """The sampling function and what closes it: ``rollout.sample``, or a vLLM engine's
+    ``sample`` (it syncs the training model's weights into vLLM on every call)."""
+    if cfg.sampler == "transformers":
+        return sample, lambda: None
+    from transformers import AutoConfig
+
+    from tokenbridge.client.vllm_sampler import VLLMSampler
+
+    config = AutoConfig.from_pretrained(cfg.student)
+    positions: int = (
+        getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or 4096
+    )
+    engine = VLLMSampler(cfg.student, tokenizer, seed=cfg.seed, max_model_len=min(4096, positions))
+    return engine.sample, engine.close
 
 
 @dataclass(frozen=True)
