@@ -92,11 +92,15 @@ class PromptStream:
         self.prompts = prompts
         self.seed = seed
         self.position = position
+        self._epoch = -1
+        self._epoch_order: list[int] = []
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.prompts)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._epoch != epoch:  # one shuffle per epoch, not per prompt
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch, self._epoch_order = epoch, order
+        return self._epoch_order
 
     def take(self, count: int) -> list[Prompt]:
         """The next ``count`` prompts."""

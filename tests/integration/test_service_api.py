@@ -695,8 +695,15 @@ def test_readiness_is_503_until_started(teacher_dir, tmp_path):
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://s"
         ) as c:
-            return await c.get("/readyz"), await c.post("/v1/score", json={})
+            body = {
+                "student_tokenizer": "any",
+                "top_k": 2,
+                "sequences": [{"prompt": {"text": "a"}, "completion_ids": [1]}],
+            }
+            return await c.get("/readyz"), await c.post("/v1/score", json=body)
 
     ready, scored_early = asyncio.run(go())
     assert ready.status_code == 503 and ready.json()["state"] == "starting"
-    assert scored_early.status_code in (422, 503)
+    assert scored_early.status_code == 503
+    assert "starting" in scored_early.json()["error"]["message"]
+    assert scored_early.headers["retry-after"]
