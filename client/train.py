@@ -145,11 +145,22 @@ class _TeacherRunner:
         )
 
     def close(self) -> None:
-        """Close the client and stop the loop."""
+        """Abandon calls still in flight, close the client, stop and close the loop."""
         with contextlib.suppress(Exception):
-            self._call(self.client.__aexit__(None, None, None)).result(30)
+            self._call(self._shutdown()).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+    async def _shutdown(self) -> None:
+        # Cancelled calls must finish unwinding on this loop, not later in garbage collection
+        # after the loop is gone.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self.client.__aexit__(None, None, None)
 
 
 # -- one step's loss -------------------------------------------------------------------------------
