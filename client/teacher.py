@@ -1106,11 +1106,14 @@ class SyncTeacherClient:
         self._thread.start()
         self._closed = False
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         if self._closed:
             coro.close()  # never awaited: close it so Python does not warn about it
             raise RuntimeError("the teacher client is closed")
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = self._submit(coro)
         try:
             return future.result()
         except KeyboardInterrupt:
@@ -1138,12 +1141,21 @@ class SyncTeacherClient:
         if self._closed:
             return
         try:
-            self._run(self._client.aclose())
+            self._run(self._shutdown())
         finally:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop.close()
+
+    async def _shutdown(self) -> None:
+        # Calls submitted and then abandoned must finish unwinding on this loop, not later in
+        # garbage collection after the loop is closed.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self._client.aclose()
 
     @property
     def client(self) -> TeacherClient:
@@ -1176,6 +1188,22 @@ class SyncTeacherClient:
     def score(self, sequences: Sequence[Mapping[str, Any]]) -> ScoreResult:
         """``TeacherClient.score``, blocking."""
         return self._run(self._client.score(sequences))
+
+    def submit_score(self, sequences: Sequence[Mapping[str, Any]]) -> Future[ScoreResult]:
+        """``TeacherClient.score`` started in the background: the caller keeps working (a
+        trainer samples and trains meanwhile) and collects the result from the future."""
+        return self._submit(self._client.score(sequences))
+
+    def submit_generate(
+        self,
+        prompts: Sequence[str | Mapping[str, Any]],
+        max_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Future[GenerateResult]:
+        """``TeacherClient.generate`` started in the background (see ``submit_score``)."""
+        return self._submit(self._client.generate(prompts, max_tokens, temperature, top_p, seed))
 
     def generate(
         self,

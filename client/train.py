@@ -10,12 +10,10 @@ averaged by DDP; rank 0 writes metrics and checkpoints.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import random
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -30,8 +28,15 @@ import torch
 from tokenbridge.client import losses
 from tokenbridge.client.config import TrainConfig
 from tokenbridge.client.errors import TeacherUnavailableError
-from tokenbridge.client.rollout import Prompt, Rollout, completion_logprobs, sample
-from tokenbridge.client.teacher import TeacherClient, TeacherClientConfig
+from tokenbridge.client.rollout import (
+    Prompt,
+    Rollout,
+    completion_logprobs,
+    render_student_prompt,
+    sample,
+    wire_prompt,
+)
+from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
 from tokenbridge.shared.protocol import ScoredSequence
 
 __all__ = ["PromptStream", "TrainSummary", "load_prompts", "main"]
@@ -110,57 +115,6 @@ class PromptStream:
             out.append(self.prompts[self._order(epoch)[index]])
             self.position += 1
         return out
-
-
-# -- the teacher, on a background event loop -------------------------------------------------------
-
-
-class _TeacherRunner:
-    """A ``TeacherClient`` living on its own event loop thread; calls return futures, so the
-    training loop can keep working while the teacher scores."""
-
-    def __init__(self, cfg: TrainConfig, tokenizer: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        config = TeacherClientConfig(urls=cfg.teacher_urls, api_key=cfg.api_key, top_k=cfg.top_k)
-        self.client = TeacherClient(config, student_tokenizer=tokenizer)
-        self._call(self.client.__aenter__()).result()
-
-    def _call(self, coro: Any) -> Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def score(self, rollout: Rollout) -> Future[Any]:
-        """Start scoring ``rollout``'s completions."""
-        return self._call(self.client.score(rollout.score_sequences()))
-
-    def generate(self, prompts: list[Prompt], max_tokens: int, seed: int) -> Future[Any]:
-        """Start sampling teacher completions (the SFT baseline)."""
-        from tokenbridge.client.rollout import wire_prompt
-
-        return self._call(
-            self.client.generate(
-                [wire_prompt(p) for p in prompts], max_tokens=max_tokens, seed=seed
-            )
-        )
-
-    def close(self) -> None:
-        """Abandon calls still in flight, close the client, stop and close the loop."""
-        with contextlib.suppress(Exception):
-            self._call(self._shutdown()).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-    async def _shutdown(self) -> None:
-        # Cancelled calls must finish unwinding on this loop, not later in garbage collection
-        # after the loop is gone.
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
-        await self.client.__aexit__(None, None, None)
 
 
 # -- one step's loss -------------------------------------------------------------------------------
@@ -375,7 +329,15 @@ def main(cfg: TrainConfig) -> TrainSummary:
     elif cfg.resume:
         raise FileNotFoundError(f"--resume given but {checkpoint_path} does not exist")
 
-    teacher = _TeacherRunner(cfg, tokenizer)
+    teacher = SyncTeacherClient(
+        TeacherClientConfig(urls=cfg.teacher_urls, api_key=cfg.api_key, top_k=cfg.top_k),
+        student_tokenizer=tokenizer,
+    )
+    try:
+        teacher.start()
+    except BaseException:
+        teacher.close()
+        raise
     sampler, close_sampler = _sampler(cfg, tokenizer)
     started = time.perf_counter()
     last: dict[str, float] = {}
@@ -384,10 +346,11 @@ def main(cfg: TrainConfig) -> TrainSummary:
     def submit(rollout: Rollout, seed: int) -> _Pending:
         if cfg.loss == "sft":
             # The teacher writes the completions; the student's tokens of them are the rollout.
+            prompts = [wire_prompt(p) for p in rollout.prompts]
             return _Pending(
-                rollout, teacher.generate(rollout.prompts, cfg.max_new_tokens, seed), seed
+                rollout, teacher.submit_generate(prompts, cfg.max_new_tokens, seed=seed), seed
             )
-        return _Pending(rollout, teacher.score(rollout), seed)
+        return _Pending(rollout, teacher.submit_score(rollout.score_sequences()), seed)
 
     def new_rollout() -> _Pending:
         seed = cfg.seed * 1_000_003 + stream.position
@@ -455,7 +418,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
                     "teacher_resubmits_total": totals.get("resubmits", 0),
                     **{
                         f"teacher_{name}_total": float(value)
-                        for name, value in teacher.client.stats.as_dict().items()
+                        for name, value in teacher.stats.as_dict().items()
                         if name in ("retries", "failovers", "reregistrations")
                     },
                 }
@@ -582,8 +545,6 @@ def _usage_tokens(answer: Any) -> int:
 
 
 def _teacher_rollout(tokenizer: Any, prompts: list[Prompt], answer: Any) -> Rollout:
-    from tokenbridge.client.rollout import render_student_prompt
-
     prompt_ids = [render_student_prompt(tokenizer, p) for p in prompts]
     completions = []
     for item in answer.completions:
@@ -596,7 +557,7 @@ def _teacher_rollout(tokenizer: Any, prompts: list[Prompt], answer: Any) -> Roll
 
 @torch.no_grad()
 def _evaluate(
-    cfg: TrainConfig, model: Any, tokenizer: Any, teacher: _TeacherRunner, prompts: list[Prompt]
+    cfg: TrainConfig, model: Any, tokenizer: Any, teacher: SyncTeacherClient, prompts: list[Prompt]
 ) -> dict[str, float]:
     """Reverse KL to the teacher per token and per byte on held-out prompts (seeded samples)."""
     state = _rng_state()
@@ -607,7 +568,7 @@ def _evaluate(
         )  # fmt: skip
     finally:
         _set_rng_state(state)  # evaluation never shifts the training run's randomness
-    answer = teacher.score(rollout).result()
+    answer = teacher.score(rollout.score_sequences())
     gap, tokens, total_bytes = 0.0, 0, 0
     for old, scored in zip(rollout.old_logprobs, answer.sequences, strict=True):
         finite = np.isfinite(scored.logprobs_S)
