@@ -19,6 +19,8 @@ __all__ = [
     "Prompt",
     "Rollout",
     "completion_logprobs",
+    "cut_after_eos",
+    "recorded_rollout",
     "render_student_prompt",
     "sample",
     "wire_prompt",
@@ -192,16 +194,35 @@ def sample(
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    new_BN = output[:, ids_BL.shape[1] :].tolist()
-    eos = tokenizer.eos_token_id
-    completions = []
-    for row in new_BN:
-        if eos is not None and eos in row:
-            row = row[: row.index(eos) + 1]
-        completions.append(row)
-    logprobs_BT, mask_BT, _ = completion_logprobs(model, prompt_ids, completions)
+    completions = cut_after_eos(output[:, ids_BL.shape[1] :].tolist(), tokenizer.eos_token_id)
     if was_training:
         model.train()
+    return recorded_rollout(model, prompts, prompt_ids, completions)
+
+
+def cut_after_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
+    """Each sampled row up to and including its first end-of-sequence token (kept: the teacher
+    maps it by role), or whole when it has none."""
+    if eos_token_id is None:
+        return [list(row) for row in rows]
+    return [
+        row[: row.index(eos_token_id) + 1] if eos_token_id in row else list(row) for row in rows
+    ]
+
+
+@torch.no_grad()
+def recorded_rollout(
+    model: Any, prompts: list[Prompt], prompt_ids: list[list[int]], completions: list[list[int]]
+) -> Rollout:
+    """The rollout of sampled ``completions`` with their sampling log-probs, recomputed by one
+    forward pass of ``model`` in eval mode (whatever sampled them), so that they are exactly what
+    the loss later compares against."""
+    was_training = model.training
+    model.eval()
+    try:
+        logprobs_BT, _, _ = completion_logprobs(model, prompt_ids, completions)
+    finally:
+        if was_training:
+            model.train()
     old = [logprobs_BT[b, : len(c)].float().cpu().numpy() for b, c in enumerate(completions)]
-    del mask_BT
     return Rollout(list(prompts), prompt_ids, completions, old)

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from tokenbridge.client.rollout import Prompt, Rollout, completion_logprobs, render_student_prompt
+from tokenbridge.client.rollout import (
+    Prompt,
+    Rollout,
+    cut_after_eos,
+    recorded_rollout,
+    render_student_prompt,
+)
 
 __all__ = ["VLLMSampler"]
 
@@ -188,13 +194,7 @@ class VLLMSampler:
             params,
             use_tqdm=False,
         )
-        completions = []
-        for output in outputs:
-            row = list(output.outputs[0].token_ids)
-            if eos_token_id is not None and eos_token_id in row:
-                row = row[: row.index(eos_token_id) + 1]
-            completions.append(row)
-        return completions
+        return cut_after_eos([list(o.outputs[0].token_ids) for o in outputs], eos_token_id)
 
     @torch.no_grad()
     def sample(
@@ -224,15 +224,7 @@ class VLLMSampler:
             eos_token_id=tokenizer.eos_token_id,
             generator_seed=generator_seed,
         )
-        was_training = model.training
-        model.eval()
-        try:
-            logprobs_BT, _, _ = completion_logprobs(model, prompt_ids, completions)
-        finally:
-            if was_training:
-                model.train()
-        old = [logprobs_BT[b, : len(c)].float().cpu().numpy() for b, c in enumerate(completions)]
-        return Rollout(list(prompts), prompt_ids, completions, old)
+        return recorded_rollout(model, prompts, prompt_ids, completions)
 
     def close(self) -> None:
         """Stop the vLLM engine (its processes and memory) and remove the sync folder."""
