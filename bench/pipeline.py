@@ -15,16 +15,13 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from tokenbridge.client.config import TrainConfig
@@ -32,13 +29,13 @@ from tokenbridge.client.train import main as train_main
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The tests' helper that starts `tokenbridge serve` and waits until it is ready.
+if str(REPO_ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from service_support import serve_process  # noqa: E402
+
 TARGETS = {"teacher_wait_fraction_pipelined_max": 0.10}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(config: TrainConfig) -> dict[str, Any]:
@@ -85,43 +82,22 @@ def main() -> int:
         cache / "models" / "bench-llama-mistral-h128-l2",
         cache,
     )
-    port = _free_port()
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    log = (work / "serve.log").open("wb")
     # The teacher and the student share this machine's cores: give each its own share, as two
     # machines (or GPUs) would have, instead of letting both oversubscribe every core.
     threads = max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(threads)
-    env = {**os.environ, "TOKENBRIDGE_CACHE": str(cache), "OMP_NUM_THREADS": str(threads)}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokenbridge",
-            "serve",
-            "--teacher",
-            str(teacher),
-            "--port",
-            str(port),
-            "--data-dir",
-            str(work / "data"),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        runs = []
+    serve_args = [
+        "--teacher",
+        str(teacher),
+        "--data-dir",
+        str(work / "data"),
+        "--log-level",
+        "warning",
+    ]
+    env = {"TOKENBRIDGE_CACHE": str(cache), "OMP_NUM_THREADS": str(threads)}
+    runs = []
+    with serve_process(serve_args, work, env=env, timeout=300) as (url, _, _):
         for depth in (0, 1):
             config = TrainConfig(
                 student=str(student),
@@ -140,10 +116,6 @@ def main() -> int:
             )
             runs.append(_run(config))
             print(json.dumps(runs[-1]), file=sys.stderr)
-    finally:
-        server.terminate()
-        server.wait(60)
-        log.close()
     off, on = runs
     print(
         json.dumps(

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import threading
@@ -36,6 +35,8 @@ from typing import Any
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "tests") not in sys.path:  # the tests' helpers (free_port)
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from tokenbridge.demo import shakespeare_dir  # noqa: E402
 from tokenbridge.hub import load_tokenizer  # noqa: E402
@@ -48,14 +49,10 @@ from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack  # noqa: E402
 from tokenbridge.shared.protocol import ScoreRequest  # noqa: E402
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model  # noqa: E402
 
+from service_support import free_port  # noqa: E402
+
 TOP_K = 20
 TARGETS = {"overhead_ratio_max": 1.25, "bytes_per_position_msgpack_max": 130}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _batch(student: Any, vocab: Any, sequences: int, tokens: int) -> list[dict[str, Any]]:
@@ -136,7 +133,7 @@ def main() -> int:
     data_dir = args.cache_dir / "bench-service-data"
     config = ServiceConfig(
         teacher=str(teacher_dir), backend=args.backend, data_dir=data_dir, max_top_k=TOP_K,
-        port=_free_port(), log_level="warning", device=args.device, dtype=args.dtype,
+        port=free_port(), log_level="warning", device=args.device, dtype=args.dtype,
         max_model_len=args.max_model_len, batch_max_tokens=max(8192, 2 * args.tokens),
         max_request_tokens=max(65536, 4 * args.tokens),
     )  # fmt: skip
