@@ -15,7 +15,12 @@ from typing import Any
 
 from tokenbridge.service.admission import Admission
 from tokenbridge.service.config import ServiceConfig
-from tokenbridge.service.engines.base import GenerateParams, PositionScores, TeacherEngine
+from tokenbridge.service.engines.base import (
+    FlopModel,
+    GenerateParams,
+    PositionScores,
+    TeacherEngine,
+)
 from tokenbridge.service.errors import (
     EngineUnavailableError,
     NotReadyError,
@@ -136,6 +141,7 @@ class TeacherService:
                 "tokenizer_size": teacher_vocab.size if teacher_vocab is not None else None,
                 "vocab_hash": teacher_vocab.content_hash if teacher_vocab is not None else None,
                 "has_chat_template": bool(getattr(self.engine.tokenizer, "chat_template", None)),
+                "flops": _flops_info(engine.flop_model),
             },
             "max_top_k": min(config.max_top_k, engine.max_top_k),
             "limits": {
@@ -154,6 +160,15 @@ class TeacherService:
             "encodings": ["application/msgpack", "application/json"],
             "students": len(self._registry) if self._registry is not None else 0,
         }
+
+    def _teacher_flops(self, lengths: list[int]) -> int | None:
+        """FLOPs of running the teacher over sequences of ``lengths`` tokens (positions 0..L-1
+        each), the same count for a scored sequence and a prompt plus its generated tokens;
+        ``None`` when the engine has no FLOP model."""
+        model = self.engine.info.flop_model
+        if model is None:
+            return None
+        return sum(model.sequence_flops(length) for length in lengths)
 
     def _teacher_stamp(self) -> dict[str, Any]:
         engine = self.engine.info
@@ -240,6 +255,7 @@ class TeacherService:
                 "teacher_prompt_tokens": prompt_tokens,
                 "teacher_completion_tokens": tokens - prompt_tokens,
                 "teacher_tokens": tokens,
+                "teacher_flops": self._teacher_flops([p.teacher_tokens for p in prepared]),
             },
             "timings": {
                 "prepare_s": prepared_at - started,
@@ -326,14 +342,32 @@ class TeacherService:
         finally:
             self._tasks_in_flight -= 1
         completion_tokens = sum(len(r.ids) for r in results)
+        prompt_tokens = sum(len(p) for p in prompts)
+        # Each prompt plus its sample sits at positions 0 .. len-1 at the end of decoding: counted
+        # like a scored sequence of the same tokens (prefill and decode cost the same per token).
+        lengths = [len(p) + len(r.ids) for p, r in zip(prompts, results, strict=True)]
         self.metrics.teacher_tokens.labels("generated").inc(completion_tokens)
         return {
             "completions": [
                 {"text": r.text, "ids": r.ids, "finish_reason": r.finish_reason} for r in results
             ],
             "usage": {
-                "teacher_prompt_tokens": sum(len(p) for p in prompts),
+                "teacher_prompt_tokens": prompt_tokens,
                 "teacher_completion_tokens": completion_tokens,
+                "teacher_tokens": prompt_tokens + completion_tokens,
+                "teacher_flops": self._teacher_flops(lengths),
             },
             "teacher": self._teacher_stamp(),
         }
+
+
+def _flops_info(model: FlopModel | None) -> dict[str, Any] | None:
+    """``/v1/info``'s ``teacher.flops``: the FLOP model's coefficients and how to use them."""
+    if model is None:
+        return None
+    return {
+        **model.as_dict(),
+        "per_token": "2 * matmul_params + attention_coeff * t, t = tokens before it in context",
+        "usage": "teacher_flops sums this over positions 0..L-1 of every sequence (prompt + "
+        "completion), alike for /v1/score and /v1/generate",
+    }

@@ -22,6 +22,7 @@ from tokenbridge.service.engines.base import (
     GenerateParams,
     PositionScores,
     ScoreJob,
+    flop_model,
     package_versions,
 )
 
@@ -67,6 +68,7 @@ class TransformersEngine:
             max_top_k=max_top_k,
             max_model_len=self.max_model_len,
             versions=package_versions("torch", "transformers", "tokenbridge"),
+            flop_model=flop_model(config),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
         self._batcher: MicroBatcher[ScoreJob, PositionScores] = MicroBatcher(

@@ -34,6 +34,7 @@ from tokenbridge.service.engines.base import (
     GenerateParams,
     PositionScores,
     ScoreJob,
+    flop_model,
     package_versions,
 )
 from tokenbridge.service.errors import EngineUnavailableError
@@ -126,6 +127,7 @@ class VLLMEngine:
             max_top_k=max_top_k,
             max_model_len=self.max_model_len,
             versions=package_versions("vllm", "torch", "transformers", "tokenbridge"),
+            flop_model=flop_model(config),
         )
         self._engine: Any = None
         self._dead = False

@@ -707,3 +707,70 @@ def test_readiness_is_503_until_started(teacher_dir, tmp_path):
     assert scored_early.status_code == 503
     assert "starting" in scored_early.json()["error"]["message"]
     assert scored_early.headers["retry-after"]
+
+
+# -- teacher compute ------------------------------------------------------------------------------
+
+
+def test_score_and_generate_report_teacher_flops_alike(app, students, bank, teacher_dir):
+    """``usage.teacher_flops`` is the info's FLOP model summed over positions 0..L-1 of every
+    sequence, for scoring (prompt + completion) and generation (prompt + sample) alike."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
+
+    async def go(client):
+        info = await client.get("/v1/info")
+        prompts = [{"text": PROMPT}, {"text": "Once"}]
+        generated = await client.post(
+            "/v1/generate",
+            json={"prompts": prompts, "max_tokens": 5, "seed": 1},
+            headers=JSON_ACCEPT,
+        )
+        return unpack(info.content), generated
+
+    info, generated = app.run(go)
+    flops = info["teacher"]["flops"]
+    # The tiny GPT-2 teacher: 12 d² per layer (attention 4 d², MLP 8 d²) plus the head.
+    assert flops["matmul_params"] == 12 * layers * d * d + vocab * d
+    assert flops["attention_coeff"] == 2 * layers * d
+
+    def sequence_flops(length):
+        return sum(2 * flops["matmul_params"] + flops["attention_coeff"] * t for t in range(length))
+
+    teacher_tok = bank.tokenizer("gpt2")
+    short = "A shorter completion."
+    body = {
+        "student_tokenizer": students["mistral-v1"],
+        "top_k": 4,
+        "sequences": [
+            {"prompt": {"text": PROMPT}, "completion_ids": completion(bank, "mistral-v1")},
+            {
+                "prompt": {"text": "Once"},
+                "completion_ids": completion(bank, "mistral-v1", short),
+            },
+        ],
+    }
+    score_body, _ = scored(score(app, body))
+    usage = score_body["usage"]
+    lengths = [
+        len(teacher_tok.encode(PROMPT)) + len(completion(bank, "gpt2")),
+        len(teacher_tok.encode("Once")) + len(completion(bank, "gpt2", short)),
+    ]
+    assert usage["teacher_tokens"] == sum(lengths)
+    assert usage["teacher_flops"] == sum(sequence_flops(n) for n in lengths)
+    assert isinstance(usage["teacher_flops"], int)
+
+    assert generated.status_code == 200, generated.text
+    gen_body = generated.json()
+    gen_usage = gen_body["usage"]
+    gen_lengths = [
+        len(teacher_tok.encode(text)) + len(c["ids"])
+        for text, c in zip((PROMPT, "Once"), gen_body["completions"], strict=True)
+    ]
+    assert gen_usage["teacher_tokens"] == sum(gen_lengths)
+    assert gen_usage["teacher_tokens"] == (
+        gen_usage["teacher_prompt_tokens"] + gen_usage["teacher_completion_tokens"]
+    )
+    assert gen_usage["teacher_flops"] == sum(sequence_flops(n) for n in gen_lengths)
