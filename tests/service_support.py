@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,7 +16,9 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
+from tokenbridge import process as process_helpers
 from tokenbridge.hub import load_tokenizer
+from tokenbridge.process import free_port
 from tokenbridge.service.app import create_app
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.service.engines.base import Generated, GenerateParams, PositionScores, ScoreJob
@@ -183,29 +181,14 @@ def config_for(teacher: Path, data_dir: Path, **overrides: Any) -> ServiceConfig
     return ServiceConfig(teacher=str(teacher), data_dir=data_dir, **overrides)
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_ready(
     url: str, process: subprocess.Popen, timeout: float = 180, headers: dict | None = None
 ) -> None:
     """Poll ``/readyz`` until 200; fail if the process exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited early with status {process.returncode}")
-        try:
-            response = httpx.get(url + "/readyz", headers=headers, timeout=2)
-            if response.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("serve did not become ready")
+    try:
+        process_helpers.wait_ready(url, process, timeout=timeout, headers=headers)
+    except process_helpers.ServiceStartError as error:
+        raise AssertionError(str(error)) from None
 
 
 @contextlib.contextmanager
@@ -218,31 +201,15 @@ def serve_process(
     headers: dict[str, str] | None = None,
     timeout: float = 180,
 ) -> Iterator[tuple[str, subprocess.Popen, Path]]:
-    """``tokenbridge serve ARGS --port P`` as a process, ready; yields (url, process, log path).
+    """``tokenbridge serve ARGS --port P`` as a process, ready, with the tests' offline cache;
+    yields (url, process, log path)."""
+    from conftest import REPO
 
-    Its output goes to a file, not a pipe (a full pipe would stall the server); the process is
-    terminated (then killed) on exit unless the test already stopped it.
-    """
-    from conftest import CACHE_DIR, REPO
-
-    port = port or free_port()
-    log_path = folder / f"serve-{port}.log"
-    command = [sys.executable, "-m", "tokenbridge", "serve", *args, "--port", str(port)]
-    full_env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR), **(env or {})}
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=log)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, process, timeout=timeout, headers=headers)
-            yield url, process, log_path
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(30)
+    full_env = {"TOKENBRIDGE_CACHE": str(CACHE_DIR), **(env or {})}
+    with process_helpers.serve_process(
+        args, folder, port=port, env=full_env, headers=headers, timeout=timeout, cwd=REPO
+    ) as served:
+        yield served
 
 
 __all__ = [
