@@ -258,3 +258,13 @@ class TeacherEngine(Protocol):
 
     async def generate(self, prompt_ids: list[int], params: GenerateParams) -> Generated:
         """One completion of ``prompt_ids``."""
+
+
+def completion_text(tokenizer: Any, ids: list[int]) -> str:
+    """The text of generated ``ids`` without the end-of-sequence token that stopped them: the
+    stop is reported as ``finish_reason``, and a literal ``<|endoftext|>`` in the text would be
+    re-tokenised by a student as ordinary characters."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids and ids[-1] == eos:
+        ids = ids[:-1]
+    return str(tokenizer.decode(ids))

@@ -22,6 +22,7 @@ from tokenbridge.service.engines.base import (
     GenerateParams,
     PositionScores,
     ScoreJob,
+    completion_text,
     flop_model,
     package_versions,
 )
@@ -202,7 +203,7 @@ class TransformersEngine:
         ids = output[0, len(prompt_ids) :].tolist()
         eos = self.tokenizer.eos_token_id
         finish = "stop" if eos is not None and ids and ids[-1] == eos else "length"
-        return Generated(ids=ids, text=self.tokenizer.decode(ids), finish_reason=finish)
+        return Generated(ids=ids, text=completion_text(self.tokenizer, ids), finish_reason=finish)
 
     async def generate(self, prompt_ids: list[int], params: GenerateParams) -> Generated:
         """Sample one completion on the worker thread (between scoring batches)."""

@@ -34,6 +34,7 @@ from tokenbridge.service.engines.base import (
     GenerateParams,
     PositionScores,
     ScoreJob,
+    completion_text,
     flop_model,
     package_versions,
 )
@@ -303,7 +304,9 @@ class VLLMEngine:
         if completion.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM ended the completion with {completion.finish_reason!r}")
         return Generated(
-            ids=ids, text=self.tokenizer.decode(ids), finish_reason=completion.finish_reason
+            ids=ids,
+            text=completion_text(self.tokenizer, ids),
+            finish_reason=completion.finish_reason,
         )
 
 

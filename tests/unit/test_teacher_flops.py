@@ -234,3 +234,19 @@ def test_engine_info_carries_the_model():
     assert info.flop_model is model
     assert model.as_dict() == {"matmul_params": 10, "attention_coeff": 2}
     assert EngineInfo("x", "m", None, "f", "cpu", 10, 4, 16).flop_model is None
+
+
+def test_completion_text_leaves_out_the_stop_token_only():
+    from tokenbridge.hub import load_tokenizer
+    from tokenbridge.service.engines.base import completion_text
+
+    from conftest import CACHE_DIR
+
+    tokenizer = load_tokenizer("gpt2", CACHE_DIR)
+    ids = tokenizer.encode("so 132.")
+    assert completion_text(tokenizer, [*ids, tokenizer.eos_token_id]) == "so 132."
+    assert completion_text(tokenizer, ids) == "so 132."
+    # An end-of-sequence token inside the text is not a stop: it stays.
+    inner = [*ids, tokenizer.eos_token_id, *ids]
+    assert completion_text(tokenizer, inner) == tokenizer.decode(inner)
+    assert completion_text(tokenizer, []) == ""
