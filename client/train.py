@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +37,22 @@ from tokenbridge.client.rollout import (
     wire_prompt,
 )
 from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
+from tokenbridge.shared.align import encode_continuation
+from tokenbridge.shared.errors import AlignmentError
 from tokenbridge.shared.protocol import ScoredSequence
+from tokenbridge.shared.vocab import Vocab, build_vocab
 
-__all__ = ["PromptStream", "TrainSummary", "load_prompts", "main"]
+#: An evaluation of the student beyond the built-in one: ``(model, tokenizer) -> metrics``.
+ExtraEval = Callable[[Any, Any], dict[str, float]]
+
+__all__ = [
+    "ExtraEval",
+    "PromptStream",
+    "TrainSummary",
+    "evaluate_reverse_kl",
+    "load_prompts",
+    "main",
+]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -220,6 +233,7 @@ class TrainSummary:
     steps: int
     student_tokens: int
     teacher_tokens: int
+    teacher_flops: int
     teacher_wait_s: float
     elapsed_s: float
     final_metrics: dict[str, float]
@@ -291,8 +305,12 @@ def _tensorboard(folder: Path) -> Any:
     return SummaryWriter(str(folder))
 
 
-def main(cfg: TrainConfig) -> TrainSummary:
-    """Train ``cfg.student`` against the teacher service; return what the run did."""
+def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
+    """Train ``cfg.student`` against the teacher service; return what the run did.
+
+    ``extra_eval(model, tokenizer)``, when given, adds its metrics (a task's accuracy, say) to
+    every evaluation, which then runs even without held-out prompts.
+    """
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -315,7 +333,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
     checkpoint_path = out_dir / CHECKPOINT
     step = 0
     pending_states: list[dict[str, Any]] = []
-    totals = {"student_tokens": 0, "teacher_tokens": 0, "teacher_wait_s": 0.0}
+    totals = {"student_tokens": 0, "teacher_tokens": 0, "teacher_flops": 0, "teacher_wait_s": 0.0}
     if cfg.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -339,6 +357,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
         teacher.close()
         raise
     sampler, close_sampler = _sampler(cfg, tokenizer)
+    vocab = build_vocab(tokenizer) if cfg.loss == "sft" else None
     started = time.perf_counter()
     last: dict[str, float] = {}
     pipeline: deque[_Pending] = deque()
@@ -385,12 +404,12 @@ def main(cfg: TrainConfig) -> TrainSummary:
                 waited = time.perf_counter()
                 answer = _answer(pending, submit, cfg.teacher_resubmits, totals)
                 wait_s = time.perf_counter() - waited
+                teacher_tokens = _usage_tokens(answer)
                 if cfg.loss == "sft":
-                    rollout = _teacher_rollout(tokenizer, rollout.prompts, answer)
-                    teacher_tokens = _usage_tokens(answer)
+                    assert vocab is not None
+                    rollout = _teacher_rollout(tokenizer, vocab, rollout.prompts, answer)
                     output = _sft_loss(trained, rollout)
                 else:
-                    teacher_tokens = _usage_tokens(answer)
                     output = _batch_loss(cfg, trained, rollout, list(answer.sequences))
                 optimiser.zero_grad(set_to_none=True)
                 output.loss.backward()
@@ -401,6 +420,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
                 step_s = time.perf_counter() - step_started
                 totals["student_tokens"] += rollout.tokens
                 totals["teacher_tokens"] += teacher_tokens
+                totals["teacher_flops"] = totals.get("teacher_flops", 0) + _usage_flops(answer)
                 totals["teacher_wait_s"] += wait_s
                 last = {
                     "step": step,
@@ -415,6 +435,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
                     "teacher_wait_fraction": wait_s / step_s if step_s > 0 else 0.0,
                     "staleness": cfg.pipeline_depth,
                     "teacher_tokens_total": totals["teacher_tokens"],
+                    "teacher_flops_total": totals["teacher_flops"],
                     "teacher_resubmits_total": totals.get("resubmits", 0),
                     **{
                         f"teacher_{name}_total": float(value)
@@ -423,8 +444,20 @@ def main(cfg: TrainConfig) -> TrainSummary:
                     },
                 }
                 evaluate = step % cfg.eval_every == 0 or step == cfg.steps
-                if eval_prompts and rank == 0 and evaluate:
-                    last.update(_evaluate(cfg, model, tokenizer, teacher, eval_prompts))
+                if rank == 0 and evaluate:
+                    if eval_prompts:
+                        last.update(
+                            evaluate_reverse_kl(
+                                model,
+                                tokenizer,
+                                teacher,
+                                eval_prompts,
+                                cfg.max_new_tokens,
+                                cfg.seed,
+                            )
+                        )
+                    if extra_eval is not None:
+                        last.update(extra_eval(model, tokenizer))
                 log(last)
                 if progress is not None:
                     progress.update(1)
@@ -448,6 +481,7 @@ def main(cfg: TrainConfig) -> TrainSummary:
         steps=step,
         student_tokens=int(totals["student_tokens"]),
         teacher_tokens=int(totals["teacher_tokens"]),
+        teacher_flops=int(totals.get("teacher_flops", 0)),
         teacher_wait_s=float(totals["teacher_wait_s"]),
         elapsed_s=time.perf_counter() - started,
         final_metrics=last,
@@ -544,11 +578,23 @@ def _usage_tokens(answer: Any) -> int:
     )
 
 
-def _teacher_rollout(tokenizer: Any, prompts: list[Prompt], answer: Any) -> Rollout:
+def _usage_flops(answer: Any) -> int:
+    """Teacher FLOPs the service reports for a call (0 when its engine has no FLOP model)."""
+    usage = getattr(answer, "usage", None) or {}
+    return int(usage.get("teacher_flops") or 0)
+
+
+def _teacher_rollout(tokenizer: Any, vocab: Vocab, prompts: list[Prompt], answer: Any) -> Rollout:
+    """The teacher's completions in the student's tokens, each spelling exactly the teacher's
+    text after the prompt (a plain ``encode`` would add SentencePiece's dummy space, which the
+    student would then learn to write), closed by end-of-sequence when the teacher stopped."""
     prompt_ids = [render_student_prompt(tokenizer, p) for p in prompts]
     completions = []
     for item in answer.completions:
-        ids = tokenizer.encode(item.text, add_special_tokens=False)
+        try:
+            ids = encode_continuation(tokenizer, vocab, item.text)
+        except AlignmentError:  # text this tokenizer cannot spell byte for byte: its best try
+            ids = tokenizer.encode(item.text, add_special_tokens=False)
         if item.finish_reason == "stop" and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
         completions.append(ids or [tokenizer.eos_token_id])
@@ -556,18 +602,25 @@ def _teacher_rollout(tokenizer: Any, prompts: list[Prompt], answer: Any) -> Roll
 
 
 @torch.no_grad()
-def _evaluate(
-    cfg: TrainConfig, model: Any, tokenizer: Any, teacher: SyncTeacherClient, prompts: list[Prompt]
+def evaluate_reverse_kl(
+    model: Any,
+    tokenizer: Any,
+    teacher: SyncTeacherClient,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    seed: int,
 ) -> dict[str, float]:
-    """Reverse KL to the teacher per token and per byte on held-out prompts (seeded samples)."""
+    """Reverse KL to the teacher per token and per byte on held-out ``prompts``: the student's
+    own samples (seeded, temperature 1), scored by the teacher. The caller's random state is
+    left as it was, so evaluating never shifts a training run's randomness."""
     state = _rng_state()
     try:
         rollout = sample(
-            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-            generator_seed=cfg.seed + 12345,
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+            generator_seed=seed + 12345,
         )  # fmt: skip
     finally:
-        _set_rng_state(state)  # evaluation never shifts the training run's randomness
+        _set_rng_state(state)
     answer = teacher.score(rollout.score_sequences())
     gap, tokens, total_bytes = 0.0, 0, 0
     for old, scored in zip(rollout.old_logprobs, answer.sequences, strict=True):
