@@ -1,4 +1,5 @@
-"""The ``tokenbridge`` command: demo, tokenizers, tiny-model, serve, train, plot.
+"""The ``tokenbridge`` command: demo, experiment, mapping-demo, tokenizers, tiny-model, serve,
+train, plot.
 
 Each subcommand's flags are generated from its config dataclass. ``serve`` and ``train`` also read
 a TOML file (``--config``; flags given on the command line win) and one environment variable each,
@@ -9,9 +10,11 @@ comma-separated) and ``TOKENBRIDGE_API_KEY`` (the key the trainer presents).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from tokenbridge.client.config import TrainConfig
 from tokenbridge.configargs import add_config_arguments, config_from_args, load_toml
@@ -36,10 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
-        "demo", help="map a teacher's predictions onto student tokens for real tokenizer pairs"
+        "demo",
+        help="fit a tiny teacher, serve it, distil a student of another family; before/after",
     )
-    add_config_arguments(demo, DemoConfig)
-    demo.set_defaults(cache_dir=_default_cache())
+    _experiment_arguments(demo, default_preset="demo", default_out=Path("runs/demo"))
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="every distillation arm for several seeds: results table and plot against compute",
+    )
+    _experiment_arguments(experiment, default_preset="full", default_out=Path("runs/experiment"))
+
+    mapping = commands.add_parser(
+        "mapping-demo",
+        help="map a teacher's predictions onto student tokens for real tokenizer pairs",
+    )
+    add_config_arguments(mapping, DemoConfig)
+    mapping.set_defaults(cache_dir=_default_cache())
 
     tokenizers = commands.add_parser(
         "tokenizers", help="list the offline tokenizers, or convert them into the cache"
@@ -67,6 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("metrics", type=Path, nargs="+", help="metrics.jsonl file(s) of runs")
     plot.add_argument("--out", type=Path, required=True, help="PNG to write")
     return parser
+
+
+def _experiment_arguments(
+    parser: argparse.ArgumentParser, default_preset: str, default_out: Path
+) -> None:
+    from tokenbridge.experiment import PRESETS, ExperimentConfig
+
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=default_preset,
+        help=f"named size the other flags refine (default {default_preset})",
+    )  # fmt: skip
+    add_config_arguments(parser, ExperimentConfig)
+    # Flags left unset fall back to the preset (None marks "not given").
+    parser.set_defaults(**{action.dest: None for action in parser._actions if action.dest
+                           not in ("help", "preset")})  # fmt: skip
+    parser.set_defaults(default_out=default_out)
+
+
+def _experiment(args: argparse.Namespace) -> Any:
+    from tokenbridge.experiment import ExperimentConfig, preset_config, run_experiment
+
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    given.setdefault("out_dir", args.default_out)
+    try:
+        config = preset_config(args.preset, **given)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"tokenbridge {args.command}: {error}") from None
+    from transformers.utils import logging as transformers_logging
+
+    # The experiment loads and saves many tiny models: one line each would bury its own progress.
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    return run_experiment(config, _default_cache())
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -149,6 +200,20 @@ def main(argv: list[str] | None = None) -> int:
         return _train(parser, argv)
     args = parser.parse_args(argv)
     if args.command == "demo":
+        from tokenbridge.experiment import before_after_table
+
+        result = _experiment(args)
+        print()
+        print(before_after_table(result.summary))
+        print(f"plot: {result.plot_path}\ntable: {result.table_path}")
+        return 0
+    if args.command == "experiment":
+        result = _experiment(args)
+        print()
+        print(result.table_path.read_text())
+        print(f"plot: {result.plot_path}\nall curves: {result.results_json}")
+        return 0
+    if args.command == "mapping-demo":
         run_demo(config_from_args(DemoConfig, args, parser))
         return 0
     if args.command == "plot":

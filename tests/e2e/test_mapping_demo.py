@@ -1,4 +1,4 @@
-"""The README's demo command, run as a user runs it: a separate process."""
+"""The mapping demo (``tokenbridge mapping-demo``), run as a user runs it: a separate process."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reports_every_field(bank, tmp_path):
+def test_mapping_demo_runs_end_to_end_and_reports_every_field(bank, tmp_path):
     out = tmp_path / "demo.json"
     env = {**os.environ, "TOKENBRIDGE_CACHE": str(bank.cache_dir)}
     done = subprocess.run(
-        [sys.executable, "-m", "tokenbridge", "demo", "--corpus-chars", "200000",
+        [sys.executable, "-m", "tokenbridge", "mapping-demo", "--corpus-chars", "200000",
          "--json-out", str(out)],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip

@@ -25,9 +25,9 @@ def test_materialise_is_idempotent_and_loads_from_a_plain_folder(bank):
     assert len(tokenizer) == len(bank.tokenizer("mistral-v3"))
 
 
-def test_demo_flags_are_generated_from_the_config():
+def test_mapping_demo_flags_are_generated_from_the_config():
     parser = build_parser()
-    args = parser.parse_args(["demo", "--pairs", "gpt2:llama3", "--top-k", "5"])
+    args = parser.parse_args(["mapping-demo", "--pairs", "gpt2:llama3", "--top-k", "5"])
     config = config_from_args(DemoConfig, args, parser)
     assert config.pairs == ("gpt2:llama3",) and config.top_k == 5
 
@@ -42,7 +42,7 @@ def test_demo_flags_are_generated_from_the_config():
 )
 def test_config_rejects_bad_values_with_a_reason(flags, reason, capsys):
     parser = build_parser()
-    args = parser.parse_args(["demo", *flags])
+    args = parser.parse_args(["mapping-demo", *flags])
     with pytest.raises(SystemExit):
         config_from_args(DemoConfig, args, parser)
     assert reason in capsys.readouterr().err
@@ -51,7 +51,7 @@ def test_config_rejects_bad_values_with_a_reason(flags, reason, capsys):
 def test_help_lists_every_config_field():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
-        "demo"
+        "mapping-demo"
     ]
     text = sub.format_help()
     for field in ("--pairs", "--text", "--prompt", "--top-k", "--teacher-top-k", "--cache-dir"):

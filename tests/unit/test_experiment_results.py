@@ -1,0 +1,99 @@
+"""The experiment's configuration and its results arithmetic (pure: no models, no service)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tokenbridge.experiment import (
+    ARMS,
+    ExperimentConfig,
+    _compute_to_reach,
+    _mean_curve,
+    before_after_table,
+    plot_results,
+    preset_config,
+    results_table,
+    summarise,
+)
+
+
+def _points(accuracies, flops_per_step=10.0):
+    return [
+        {"step": i, "teacher_tokens_total": i * 3, "teacher_flops_total": i * flops_per_step,
+         "accuracy": a, "bits_per_byte": 1.0 - a / 2, "eval_reverse_kl_per_byte": 0.5 - a / 4}
+        for i, a in enumerate(accuracies)
+    ]  # fmt: skip
+
+
+def _runs():
+    return {
+        "none": {0: _points([0.1]), 1: _points([0.2])},
+        "sft": {0: _points([0.1, 0.2, 0.3, 0.4]), 1: _points([0.2, 0.3, 0.4, 0.5])},
+        "opd_topk_kl": {0: _points([0.1, 0.5, 0.6, 0.7]), 1: _points([0.2, 0.6, 0.7, 0.8])},
+        "same_tokenizer_opd": {0: _points([0.1, 0.6, 0.8, 0.9]), 1: _points([0.2, 0.7, 0.9, 1.0])},
+    }
+
+
+def test_compute_to_reach_interpolates_between_evaluations():
+    curve = [(0.0, 0.1, 0.0), (10.0, 0.3, 0.0), (20.0, 0.5, 0.0)]
+    assert _compute_to_reach(curve, 0.2) == pytest.approx(5.0)
+    assert _compute_to_reach(curve, 0.5) == pytest.approx(20.0)
+    assert _compute_to_reach(curve, 0.05) == 0.0
+    assert _compute_to_reach(curve, 0.6) is None
+
+
+def test_mean_curve_averages_seeds_point_by_point():
+    curve = _mean_curve(_runs()["sft"], "accuracy")
+    assert [round(m, 6) for _, m, _ in curve] == [0.15, 0.25, 0.35, 0.45]
+    assert all(s == pytest.approx(math.sqrt(0.005)) for _, _, s in curve)
+    assert [f for f, _, _ in curve] == [0.0, 10.0, 20.0, 30.0]
+
+
+def test_summary_states_both_claims_from_the_curves():
+    cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
+    summary = summarise(cfg, _runs(), teacher_accuracy=0.97, teacher_dir=cfg.out_dir)
+    assert summary["arms"]["sft"]["accuracy"]["mean"] == pytest.approx(0.45)
+    claim = summary["claims"]["opd_topk_kl"]
+    # OPD's mean curve (0.15, 0.55, ...) reaches SFT's final 0.45 at 0.75 of its first interval.
+    assert claim["flops_to_reach_sft_final"] == pytest.approx(7.5)
+    assert claim["compute_share_of_sft"] == pytest.approx(7.5 / 30.0)
+    # (0.75 - 0.15) / (0.95 - 0.15)
+    assert claim["gap_share_closed"] == pytest.approx(0.75)
+    table = results_table(summary)
+    assert "0.25× SFT's teacher FLOPs" in table and "closes 75%" in table
+    assert table.count("\n| ") == 5  # header and four arms
+    demo = before_after_table(summary)
+    assert "before (warm start)" in demo and "0.450" in demo
+
+
+def test_plot_is_written(tmp_path):
+    cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
+    summary = summarise(cfg, _runs(), 0.97, cfg.out_dir)
+    path = plot_results(summary, _runs(), tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"arms": ("opd", "sft")}, "unknown arms"),
+        ({"seeds": ()}, "at least one arm and one seed"),
+        ({"seeds": (1, 1)}, "must not repeat"),
+        ({"eval_problems": 500}, "must not exceed held_out"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"student_hidden": 48}, "multiple of 32"),
+    ],
+)
+def test_config_rejects_bad_values_with_a_reason(overrides, reason):
+    with pytest.raises(ValueError, match=reason):
+        ExperimentConfig(**overrides)
+
+
+def test_presets_refine_the_defaults_and_flags_win():
+    smoke = preset_config("smoke", steps=3)
+    assert smoke.steps == 3 and smoke.seeds == (0,)
+    assert set(preset_config("full").arms) == set(ARMS)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge")

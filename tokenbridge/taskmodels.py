@@ -1,0 +1,172 @@
+"""Tiny models trained here on the arithmetic task: the experiment's teacher and the students'
+common warm start.
+
+A model is built by ``tinymodels.build_tiny_model`` over a real tokenizer, then fitted on worked
+solutions (loss on the completion only). Fitting is cached: a folder that already holds a model
+fitted with the same settings is reused, so reruns skip it.
+
+Why the output layer is cheap here: the task uses a few hundred of a tokenizer's 32k–50k ids.
+Rows of the (tied) embedding that the task never uses are set to zero before fitting and are
+never updated, so each of those ids always has logit 0 and the exact full-vocabulary softmax is
+the softmax over the used ids plus one extra logit, ``log(unused count)``. Fitting costs what a
+300-token vocabulary costs, and the result is an ordinary model over the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenbridge.task import Problem, student_example
+from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
+
+__all__ = ["FitSpec", "fit_task_model"]
+
+_FIT_FILE = "tokenbridge-fit.json"
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """How a tiny model is fitted on worked solutions."""
+
+    steps: int = field(default=1200, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate (one-cycle)"})
+    examples: int = field(default=0, metadata={"help": "train problems used (0: all)"})
+    seed: int = field(default=0, metadata={"help": "data order seed"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.examples < 0:
+            raise ValueError("steps and batch_size must be >= 1 and examples >= 0")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+
+
+def _batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(p) + len(c) for p, c in examples)
+    ids_BL = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels_BL = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask_BL = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, (prompt, completion) in enumerate(examples):
+        sequence = prompt + completion
+        ids_BL[b, : len(sequence)] = torch.tensor(sequence)
+        mask_BL[b, : len(sequence)] = 1
+        labels_BL[b, len(prompt) : len(sequence)] = torch.tensor(completion)
+    return ids_BL, mask_BL, labels_BL
+
+
+def fit_task_model(
+    spec: TinyModelSpec,
+    fit: FitSpec,
+    problems: Sequence[Problem],
+    folder: Path | str,
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+    desc: str = "fit",
+) -> Path:
+    """Build the model ``spec`` describes and fit it on ``problems``; save it to ``folder``.
+
+    Returns ``folder``. Skipped when ``folder`` already holds a model fitted with the same
+    settings on the same problems; written to a temporary folder renamed into place, so a crash
+    never leaves half a model behind.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    chosen = list(problems[: fit.examples] if fit.examples else problems)
+    settings = {
+        "model": asdict(spec),
+        "fit": asdict(fit),
+        "problems": [[p.a, p.b] for p in chosen],
+    }
+    marker = folder / _FIT_FILE
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        build_tiny_model(spec, workdir / "init", cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(workdir / "init"))
+        model = AutoModelForCausalLM.from_pretrained(str(workdir / "init"), dtype=torch.float32)
+        examples = [student_example(tokenizer, p) for p in chosen]
+        _fit(model, tokenizer, examples, fit, progress, desc)
+        model.save_pretrained(str(workdir / "model"))
+        tokenizer.save_pretrained(str(workdir / "model"))
+        (workdir / "model" / _FIT_FILE).write_text(json.dumps(settings))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(workdir / "model", folder)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return folder
+
+
+def _fit(
+    model: Any,
+    tokenizer: Any,
+    examples: list[tuple[list[int], list[int]]],
+    fit: FitSpec,
+    progress: bool,
+    desc: str,
+) -> None:
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(fit.seed)
+    weight_VD = model.get_output_embeddings().weight
+    if model.get_input_embeddings().weight is not weight_VD:
+        raise ValueError("fit_task_model needs tied input and output embeddings")
+    vocab = weight_VD.shape[0]
+    used = sorted({i for prompt, completion in examples for i in prompt + completion})
+    used_U = torch.tensor(used)
+    with torch.no_grad():
+        kept_UD = weight_VD[used_U].clone()
+        weight_VD.zero_()
+        weight_VD[used_U] = kept_UD
+    # Position of each id among the used ones; unused ids are never targets.
+    index_V = torch.full((vocab,), -100, dtype=torch.long)
+    index_V[used_U] = torch.arange(len(used))
+    log_unused = math.log(max(1, vocab - len(used)))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=fit.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=fit.learning_rate, total_steps=fit.steps, pct_start=0.1
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = random.Random(fit.seed)
+    model.train()
+    bar = tqdm(range(fit.steps), desc=desc, unit="step", disable=not progress, mininterval=1.0)
+    started = time.perf_counter()
+    for _ in bar:
+        ids_BL, mask_BL, labels_BL = _batch(
+            [examples[order.randrange(len(examples))] for _ in range(fit.batch_size)], pad_id
+        )
+        hidden_BLD = model.base_model(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
+        logits_BLU = hidden_BLD[:, :-1] @ weight_VD[used_U].T
+        unused_BL1 = torch.full_like(logits_BLU[..., :1], log_unused)
+        logits_BLX = torch.cat([logits_BLU, unused_BL1], dim=-1)
+        labels = labels_BL[:, 1:]
+        targets_BL = torch.where(labels >= 0, index_V[labels.clamp(min=0)], -100)
+        loss = torch.nn.functional.cross_entropy(
+            logits_BLX.reshape(-1, logits_BLX.shape[-1]), targets_BL.reshape(-1)
+        )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+    bar.close()
+    model.eval()
+    model.config.tokenbridge_fit_seconds = round(time.perf_counter() - started, 1)
