@@ -1,0 +1,66 @@
+"""Fitting tiny task models: the used-ids softmax is the exact full-vocabulary one, unused rows
+stay zero, and a fitted folder is reused only when its settings match."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokenbridge.task import split_problems, student_example
+from tokenbridge.taskmodels import FitSpec, fit_task_model
+from tokenbridge.tinymodels import TinyModelSpec
+
+from conftest import CACHE_DIR
+
+SPEC = TinyModelSpec(tokenizer="mistral-v1", architecture="llama", hidden=64, heads=2, layers=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    train, _ = split_problems(1, 10, seed=0)
+    fit = FitSpec(steps=150, batch_size=8, learning_rate=3e-3, examples=40)
+    folder = tmp_path_factory.mktemp("fit") / "model"
+    return fit_task_model(SPEC, fit, train, folder, CACHE_DIR, progress=False), fit, train
+
+
+def test_unused_rows_stay_zero_and_used_rows_learn(fitted):
+    folder, fit, train = fitted
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    used = sorted({i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])})
+    weight = model.get_output_embeddings().weight.detach()
+    nonzero = set(torch.nonzero(weight.abs().sum(-1)).flatten().tolist())
+    assert nonzero == set(used)
+
+
+def test_the_fitted_model_predicts_its_examples_over_the_whole_vocabulary(fitted):
+    folder, fit, train = fitted
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    prompt, completion = student_example(tokenizer, train[0])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0]
+    logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    nll = -logprobs.gather(-1, torch.tensor(completion)[:, None]).mean()
+    # Untrained, a 32k vocabulary costs about log(32000) ≈ 10.4 nats a token.
+    assert float(nll) < 0.5 * math.log(len(tokenizer))
+
+
+def test_a_fitted_folder_is_reused_only_with_the_same_settings(fitted, tmp_path):
+    folder, fit, train = fitted
+    marker = folder / "tokenbridge-fit.json"
+    before = marker.stat().st_mtime_ns
+    assert fit_task_model(SPEC, fit, train, folder, CACHE_DIR, progress=False) == folder
+    assert marker.stat().st_mtime_ns == before
+    assert json.loads(marker.read_text())["fit"]["steps"] == fit.steps
+
+
+def test_fit_spec_rejects_bad_values():
+    with pytest.raises(ValueError):
+        FitSpec(steps=0)
+    with pytest.raises(ValueError):
+        FitSpec(learning_rate=0)
