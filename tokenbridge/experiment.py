@@ -87,7 +87,7 @@ class ExperimentConfig:
     teacher_architecture: str = field(default="gpt2", metadata={"help": "gpt2 | llama"})
     teacher_hidden: int = field(default=128, metadata={"help": "teacher hidden size"})
     teacher_layers: int = field(default=4, metadata={"help": "teacher layers"})
-    teacher_fit_steps: int = field(default=800, metadata={"help": "teacher training steps"})
+    teacher_fit_steps: int = field(default=1200, metadata={"help": "teacher training steps"})
     student_tokenizer: str = field(
         default="mistral-v1", metadata={"help": "cross-tokenizer student's tokenizer"}
     )
@@ -191,6 +191,7 @@ def _model_name(spec: TinyModelSpec, fit: FitSpec, role: str) -> str:
     return (
         f"task-{role}-{spec.architecture}-{tokenizer}-h{spec.hidden}-l{spec.layers}"
         f"-s{spec.seed}-f{fit.steps}x{fit.batch_size}"
+        + (f"-u{fit.unused_steps}" if fit.unused_steps else "")
     )
 
 
@@ -230,7 +231,7 @@ def run_experiment(
             spec = _student_spec(cfg, kind, seed)
             fit = FitSpec(
                 steps=cfg.warm_start_steps, batch_size=16, learning_rate=3e-3,
-                examples=cfg.warm_start_examples, seed=seed,
+                examples=cfg.warm_start_examples, seed=seed, unused_steps=50,
             )  # fmt: skip
             warm[kind, seed] = fit_task_model(
                 spec, fit, train_problems, models_dir / _model_name(spec, fit, "student"),
