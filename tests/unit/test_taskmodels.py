@@ -59,8 +59,40 @@ def test_a_fitted_folder_is_reused_only_with_the_same_settings(fitted, tmp_path)
     assert json.loads(marker.read_text())["fit"]["steps"] == fit.steps
 
 
+def _unused_mass(folder, problems, used):
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    masses = []
+    for problem in problems:
+        prompt, completion = student_example(tokenizer, problem)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        probs = torch.softmax(logits, dim=-1)
+        masses.append(float(1 - probs[:, used].sum(-1).mean()))
+    return sum(masses) / len(masses)
+
+
+def test_pushing_unused_rows_down_takes_their_mass_and_leaves_the_task(fitted, tmp_path):
+    folder, fit, train = fitted
+    pushed_fit = FitSpec(**{**fit.__dict__, "unused_steps": 30})
+    pushed = fit_task_model(SPEC, pushed_fit, train, tmp_path / "pushed", CACHE_DIR, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    used = sorted({i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])})
+    before, after = _unused_mass(folder, train[:5], used), _unused_mass(pushed, train[:5], used)
+    assert after < before / 2
+    plain = AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
+    moved = AutoModelForCausalLM.from_pretrained(str(pushed)).state_dict()
+    for name, value in plain.items():
+        if "embed" in name or "lm_head" in name:
+            assert torch.equal(value[used], moved[name][used]), name
+        else:
+            assert torch.equal(value, moved[name]), name
+
+
 def test_fit_spec_rejects_bad_values():
     with pytest.raises(ValueError):
         FitSpec(steps=0)
     with pytest.raises(ValueError):
         FitSpec(learning_rate=0)
+    with pytest.raises(ValueError):
+        FitSpec(unused_steps=-1)
