@@ -97,3 +97,12 @@ def test_presets_refine_the_defaults_and_flags_win():
     assert set(preset_config("full").arms) == set(ARMS)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("huge")
+
+
+def test_no_compute_ratio_when_sft_did_not_improve():
+    runs = {**_runs(), "sft": {0: _points([0.3, 0.2, 0.25]), 1: _points([0.3, 0.2, 0.25])}}
+    cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
+    summary = summarise(cfg, runs, 0.97, cfg.out_dir)
+    claim = summary["claims"]["opd_topk_kl"]
+    assert claim["sft_improved"] is False and claim["compute_share_of_sft"] is None
+    assert "no compute ratio" in results_table(summary)

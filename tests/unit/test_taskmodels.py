@@ -31,7 +31,9 @@ def test_unused_rows_stay_zero_and_used_rows_learn(fitted):
     folder, fit, train = fitted
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder))
-    used = sorted({i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])})
+    used = sorted(
+        {i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])}
+    )
     weight = model.get_output_embeddings().weight.detach()
     nonzero = set(torch.nonzero(weight.abs().sum(-1)).flatten().tolist())
     assert nonzero == set(used)
@@ -77,7 +79,9 @@ def test_pushing_unused_rows_down_takes_their_mass_and_leaves_the_task(fitted, t
     pushed_fit = FitSpec(**{**fit.__dict__, "unused_steps": 30})
     pushed = fit_task_model(SPEC, pushed_fit, train, tmp_path / "pushed", CACHE_DIR, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    used = sorted({i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])})
+    used = sorted(
+        {i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])}
+    )
     before, after = _unused_mass(folder, train[:5], used), _unused_mass(pushed, train[:5], used)
     assert after < before / 2
     plain = AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
