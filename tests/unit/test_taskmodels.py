@@ -19,6 +19,14 @@ from conftest import CACHE_DIR
 SPEC = TinyModelSpec(tokenizer="mistral-v1", architecture="llama", hidden=64, heads=2, layers=1)
 
 
+def _used_ids(tokenizer, problems):
+    used = set()
+    for problem in problems:
+        prompt, completion = student_example(tokenizer, problem)
+        used.update(prompt + completion)
+    return sorted(used)
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     train, _ = split_problems(1, 10, seed=0)
@@ -31,16 +39,14 @@ def test_unused_rows_stay_zero_and_used_rows_learn(fitted):
     folder, fit, train = fitted
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder))
-    used = sorted(
-        {i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])}
-    )
+    used = _used_ids(tokenizer, train[: fit.examples])
     weight = model.get_output_embeddings().weight.detach()
     nonzero = set(torch.nonzero(weight.abs().sum(-1)).flatten().tolist())
     assert nonzero == set(used)
 
 
 def test_the_fitted_model_predicts_its_examples_over_the_whole_vocabulary(fitted):
-    folder, fit, train = fitted
+    folder, _, train = fitted
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     prompt, completion = student_example(tokenizer, train[0])
@@ -79,9 +85,7 @@ def test_pushing_unused_rows_down_takes_their_mass_and_leaves_the_task(fitted, t
     pushed_fit = FitSpec(**{**fit.__dict__, "unused_steps": 30})
     pushed = fit_task_model(SPEC, pushed_fit, train, tmp_path / "pushed", CACHE_DIR, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    used = sorted(
-        {i for p in train[: fit.examples] for i in sum(student_example(tokenizer, p), [])}
-    )
+    used = _used_ids(tokenizer, train[: fit.examples])
     before, after = _unused_mass(folder, train[:5], used), _unused_mass(pushed, train[:5], used)
     assert after < before / 2
     plain = AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
