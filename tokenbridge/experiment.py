@@ -477,9 +477,16 @@ def summarise(
             )
         if "none" in final and "same_tokenizer_opd" in final:
             gap = final["same_tokenizer_opd"] - final["none"]
-            claim["gap_share_closed"] = (
-                None if abs(gap) < 1e-12 else (final[arm] - final["none"]) / gap
+            claim["gap_share_closed"] = None if gap <= 1e-12 else (final[arm] - final["none"]) / gap
+            # The two students start from different warm starts (their tokenizers cut digits
+            # differently), so also: this arm's gain over its start as a share of the
+            # same-tokenizer arm's gain over its own.
+            own = final[arm] - _mean_curve(runs[arm], "accuracy")[0][1]
+            reference = (
+                final["same_tokenizer_opd"]
+                - _mean_curve(runs["same_tokenizer_opd"], "accuracy")[0][1]
             )
+            claim["gain_share_of_same_tokenizer"] = None if reference <= 1e-12 else own / reference
         claims[arm] = claim
     return {
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -534,11 +541,21 @@ def results_table(summary: dict[str, Any]) -> str:
                     f"- {label}: reaches SFT's final accuracy ({target:.3f}) with {share:.2f}× "
                     "SFT's teacher FLOPs."
                 )
-        if claim.get("gap_share_closed") is not None:
+        if "gap_share_closed" in claim:
+            share = claim["gap_share_closed"]
             lines.append(
-                f"- {label}: closes {claim['gap_share_closed']:.0%} of the gap from no "
-                "distillation to same-tokenizer OPD."
+                f"- {label}: closes {share:.0%} of the gap from no distillation to "
+                "same-tokenizer OPD."
+                if share is not None
+                else f"- {label}: no gap to close: same-tokenizer OPD ended no higher than no "
+                "distillation."
             )
+            gain = claim.get("gain_share_of_same_tokenizer")
+            if gain is not None:
+                lines.append(
+                    f"- {label}: gains {gain:.0%} of what same-tokenizer OPD gains over its own "
+                    "warm start."
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,8 @@ def test_summary_states_both_claims_from_the_curves():
     assert claim["compute_share_of_sft"] == pytest.approx(7.5 / 30.0)
     # (0.75 - 0.15) / (0.95 - 0.15)
     assert claim["gap_share_closed"] == pytest.approx(0.75)
+    # Gains over each arm's own start: (0.75 - 0.15) / (0.95 - 0.15)
+    assert claim["gain_share_of_same_tokenizer"] == pytest.approx(0.75)
     table = results_table(summary)
     assert "0.25× SFT's teacher FLOPs" in table and "closes 75%" in table
     assert table.count("\n| ") == 5  # header and four arms
@@ -106,3 +108,14 @@ def test_no_compute_ratio_when_sft_did_not_improve():
     claim = summary["claims"]["opd_topk_kl"]
     assert claim["sft_improved"] is False and claim["compute_share_of_sft"] is None
     assert "no compute ratio" in results_table(summary)
+
+
+def test_no_gap_share_when_the_reference_ends_below_no_distillation():
+    runs = {**_runs(), "same_tokenizer_opd": {0: _points([0.0, 0.05]), 1: _points([0.0, 0.05])}}
+    cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
+    summary = summarise(cfg, runs, 0.97, cfg.out_dir)
+    claim = summary["claims"]["opd_topk_kl"]
+    assert claim["gap_share_closed"] is None
+    # (0.75 - 0.15) / (0.05 - 0.0)
+    assert claim["gain_share_of_same_tokenizer"] == pytest.approx(12.0)
+    assert "no gap to close" in results_table(summary)
