@@ -35,11 +35,10 @@ from typing import Any
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT / "tests") not in sys.path:  # the tests' helpers (free_port)
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from tokenbridge.demo import shakespeare_dir  # noqa: E402
 from tokenbridge.hub import load_tokenizer  # noqa: E402
+from tokenbridge.process import free_port  # noqa: E402
 from tokenbridge.service.app import create_app  # noqa: E402
 from tokenbridge.service.config import ServiceConfig  # noqa: E402
 from tokenbridge.service.engines import build_engine  # noqa: E402
@@ -48,8 +47,6 @@ from tokenbridge.shared.align import encode_continuation  # noqa: E402
 from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack  # noqa: E402
 from tokenbridge.shared.protocol import ScoreRequest  # noqa: E402
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model  # noqa: E402
-
-from service_support import free_port  # noqa: E402
 
 TOP_K = 20
 TARGETS = {"overhead_ratio_max": 1.25, "bytes_per_position_msgpack_max": 130}

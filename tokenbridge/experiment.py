@@ -208,7 +208,6 @@ def run_experiment(
     """Run every arm for every seed (reusing finished runs) and write the results."""
 
     from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
-    from tokenbridge.client.train import evaluate_reverse_kl
     from tokenbridge.process import serve_process
 
     out_dir = cfg.out_dir
@@ -277,8 +276,8 @@ def run_experiment(
         for seed in cfg.seeds:
             starts = {
                 kind: _start_point(
-                    warm[kind, seed], url, cfg, kl_prompts, task_metrics, evaluate_reverse_kl,
-                    seed, out_dir / "warm-start" / f"{kind}-seed{seed}.json",
+                    warm[kind, seed], url, cfg, kl_prompts, task_metrics, seed,
+                    out_dir / "warm-start" / f"{kind}-seed{seed}.json",
                 )
                 for kind in kinds
             }  # fmt: skip
@@ -314,7 +313,6 @@ def _start_point(
     cfg: ExperimentConfig,
     kl_prompts: list[str],
     task_metrics: Callable[[Any, Any], dict[str, float]],
-    evaluate_reverse_kl: Callable[..., dict[str, float]],
     seed: int,
     path: Path,
 ) -> dict[str, float]:
@@ -323,6 +321,7 @@ def _start_point(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
+    from tokenbridge.client.train import evaluate_reverse_kl
 
     settings = _run_settings(cfg, "warm-start", seed)
     if path.is_file():
