@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import http
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenbridge.service import openapi
 from tokenbridge.service.config import ServiceConfig, hash_api_key
 from tokenbridge.service.core import TeacherService
 from tokenbridge.service.engines.base import TeacherEngine
@@ -32,11 +34,13 @@ from tokenbridge.service.errors import (
     DeadlineExceededError,
     ForbiddenError,
     PayloadTooLargeError,
+    QuotaExceededError,
     ServiceError,
     UnauthorizedError,
     UnprocessableError,
     UnsupportedMediaTypeError,
 )
+from tokenbridge.service.quotas import KeyQuotas, key_id
 from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack
 from tokenbridge.shared.errors import CodecError
 from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
@@ -126,6 +130,14 @@ def _validation_message(error: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def _http_code(status: int) -> str:
+    """The error ``code`` of a routing refusal: ``not_found``, ``method_not_allowed``..."""
+    try:
+        return http.HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
 # -- middleware ------------------------------------------------------------------------------
 
 
@@ -137,6 +149,55 @@ def _route_label(path: str) -> str:
         "/v1/generate",
     }  # fmt: skip
     return path if path in known else "other"
+
+
+_NOT_A_FAILURE = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _internal_error_body(request_id: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": "internal",
+            "message": f"internal error (request {request_id}); the service log has the details",
+        }
+    }
+
+
+class _CatchPanics:
+    """A 500 with the error body for a ``BaseException`` that is not an ``Exception``: the Rust
+    ``tokenizers`` library reports a panic as ``pyo3_runtime.PanicException``, which Starlette's
+    handlers (``Exception`` only) would let out of the app. The sources catch what they expect;
+    this is the net behind them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            raise
+        except BaseException as error:
+            if isinstance(error, _NOT_A_FAILURE) or started:
+                raise
+            request_id = scope.get("state", {}).get("request_id", "?")
+            logger.error(
+                "unexpected %s in request %s", type(error).__name__, request_id, exc_info=error
+            )
+            body = pack(_internal_error_body(request_id), JSON)
+            headers = [(b"content-type", JSON.encode()), (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
 
 class _Observe:
@@ -167,6 +228,7 @@ class _Observe:
         finally:
             elapsed = time.perf_counter() - started
             route = _route_label(scope["path"])
+            caller = scope["state"].get("key_id")
             metrics = self.service.metrics
             metrics.requests.labels(route, str(status)).inc()
             metrics.latency.labels(route).observe(elapsed)
@@ -175,6 +237,7 @@ class _Observe:
                 extra={
                     "request_id": request_id, "method": scope["method"], "route": route,
                     "status": status, "duration_ms": round(elapsed * 1000, 2),
+                    **({"key_id": caller} if caller else {}),
                 },
             )  # fmt: skip
 
@@ -226,6 +289,8 @@ def create_app(
         engine = build_engine(config)
     service = TeacherService(config, engine, tokenizer_loader)
     key_hashes = config.accepted_key_hashes
+    quota_table = config.key_quota_table()
+    quotas = KeyQuotas(quota_table, config.key_max_requests_in_flight)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -244,9 +309,10 @@ def create_app(
     )
     app.state.service = service
 
-    async def authorise(request: Request) -> None:
+    async def authorise(request: Request) -> str | None:
+        """The hash of the caller's valid key (``None`` when the service has no keys)."""
         if not key_hashes:
-            return
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
@@ -254,12 +320,14 @@ def create_app(
         digest = hash_api_key(key.strip())
         if not any(hmac.compare_digest(digest, known) for known in key_hashes):
             raise ForbiddenError("the API key is not valid")
+        request.scope["state"]["key_id"] = key_id(digest)
+        return digest
 
     def guarded(
         handler: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
-            await authorise(request)
+            request.state.key_hash = await authorise(request)
             return await handler(request)
 
         run.__name__ = handler.__name__
@@ -274,7 +342,9 @@ def create_app(
             encoding = _response_encoding(request)
         except ServiceError:
             encoding = JSON
-        if error.status == 429:
+        if isinstance(error, QuotaExceededError):
+            service.metrics.quota_refusals.labels(request.scope["state"].get("key_id", "")).inc()
+        elif error.status == 429:
             service.metrics.rejected.inc()
         return Response(
             pack(body, encoding), status_code=error.status, media_type=encoding,
@@ -293,24 +363,26 @@ def create_app(
     async def on_http(request: Request, error: StarletteHTTPException) -> Response:
         service_error = ServiceError(str(error.detail))
         service_error.status = error.status_code
-        service_error.code = "not_found" if error.status_code == 404 else "http_error"
-        return error_response(request, service_error)
+        service_error.code = _http_code(error.status_code)
+        response = error_response(request, service_error)
+        if error.headers:  # a 405's ``Allow`` (RFC 9110 asks for it)
+            response.headers.update(error.headers)
+        return response
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> Response:
         request_id = request.scope.get("state", {}).get("request_id", "?")
         logger.exception("unexpected error in request %s", request_id)
-        return JSONResponse(
-            {"error": {"code": "internal", "message": f"internal error (request {request_id}); "
-                       "the service log has the details"}},
-            status_code=500,
-        )  # fmt: skip
+        return JSONResponse(_internal_error_body(request_id), status_code=500)
 
     # -- routes ---------------------------------------------------------------------------
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        """Liveness: the process answers (no key needed)."""
+        """Liveness (no key needed): 200 while the process can serve or get back to serving
+        (an engine restart included); 503 once the service gave up on its engine."""
+        if service.state == "failed":
+            return JSONResponse({"status": "failed", "state": "failed"}, status_code=503)
         return JSONResponse({"status": "alive", "state": service.state})
 
     async def readyz(request: Request) -> Response:
@@ -326,13 +398,27 @@ def create_app(
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def info(request: Request) -> Response:
-        """Teacher model, engine, versions, vocabulary, max K, limits, log-prob semantics."""
-        return _respond(request, service.info())
+        """Teacher model, engine, versions, vocabulary, max K, limits, log-prob semantics, and the
+        caller's own quota."""
+        described = service.info()
+        key_hash = request.state.key_hash
+        described["limits"]["key_tokens_per_minute"] = config.key_tokens_per_minute
+        described["limits"]["key_max_requests_in_flight"] = config.key_max_requests_in_flight
+        if key_hash is not None:
+            balance = quotas.balance(key_hash)
+            described["quota"] = {
+                "key_id": key_id(key_hash),
+                "tokens_per_minute": quota_table.get(key_hash, 0),
+                "tokens_left": None if balance is None else max(0, int(balance)),
+                "max_requests_in_flight": config.key_max_requests_in_flight,
+            }
+        return _respond(request, described)
 
     async def register_tokenizer(request: Request) -> Response:
         """Register a student tokenizer by hub name, path or uploaded ``tokenizer.json``."""
         body = await _parse(request, RegisterTokenizerRequest)
-        entry, created = await service.register(body)
+        with quotas.hold(request.state.key_hash):
+            entry, created = await service.register(body)
         return _respond(request, {**entry.describe(), "created": created}, 201 if created else 200)
 
     async def list_tokenizers(request: Request) -> Response:
@@ -349,10 +435,18 @@ def create_app(
         entry = await asyncio.to_thread(service.registry.delete, request.path_params["student_id"])
         return _respond(request, {"id": entry.id, "deleted": True})
 
+    def charge(key_hash: str | None, tokens: int) -> None:
+        quotas.charge(key_hash, tokens)
+        if key_hash is not None:
+            service.metrics.key_teacher_tokens.labels(key_id(key_hash)).inc(tokens)
+
     async def score(request: Request) -> Response:
         """Teacher log-probs and sparse distributions over the student's vocabulary."""
         body = await _parse(request, ScoreRequest)
-        result = await _until_disconnect(request, service.score(body), config.request_timeout_s)
+        key_hash = request.state.key_hash
+        with quotas.hold(key_hash):
+            result = await _until_disconnect(request, service.score(body), config.request_timeout_s)
+        charge(key_hash, result["usage"]["teacher_tokens"])
         encode_started = time.perf_counter()
         response = _respond(request, result)
         service.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - encode_started)
@@ -361,7 +455,12 @@ def create_app(
     async def generate(request: Request) -> Response:
         """Teacher samples for prompts (the SFT baseline's data)."""
         body = await _parse(request, GenerateRequest)
-        result = await _until_disconnect(request, service.generate(body), config.request_timeout_s)
+        key_hash = request.state.key_hash
+        with quotas.hold(key_hash):
+            result = await _until_disconnect(
+                request, service.generate(body), config.request_timeout_s
+            )
+        charge(key_hash, result["usage"]["teacher_tokens"])
         return _respond(request, result)
 
     routes: list[tuple[str, str, Callable[[Request], Awaitable[Response]]]] = [
@@ -376,7 +475,22 @@ def create_app(
         ("POST", "/v1/generate", generate),
     ]
     for method, path, handler in routes:
-        app.add_api_route(path, guarded(handler), methods=[method], response_class=Response)
+        app.add_api_route(
+            path,
+            guarded(handler),
+            methods=[method],
+            response_class=Response,
+            openapi_extra=openapi.operation(method, path),
+        )
+    openapi.install(
+        app,
+        {
+            "max_top_k": config.max_top_k,
+            "max_sequences": config.max_sequences,
+            "max_generate_tokens": config.max_generate_tokens,
+        },
+    )
 
+    app.add_middleware(_CatchPanics)
     app.add_middleware(_Observe, service=service)
     return app

@@ -1,10 +1,13 @@
 """An asyncio micro-batcher: many concurrent callers, one batched call at a time.
 
 Callers ``await submit(job)``. A loop takes the first waiting job, keeps collecting for at most
-``max_wait_s`` or until ``max_batch_tokens`` is reached, drops jobs whose caller has left, runs the
-batch in a worker thread (so the event loop keeps serving) and hands each caller its own result.
-A batch that raises fails its own callers only; the loop goes on. The queue itself is unbounded:
-admission control in front of the batcher bounds it.
+``max_wait_s`` or until ``max_batch_tokens`` is reached, runs the batch in a worker thread (so the
+event loop keeps serving) and hands each caller its own result. A caller that leaves (its
+``submit`` is cancelled) takes its job out at once: out of the queue, or out of the batch being
+collected, so it never runs and never counts against a batch's token budget; only a job already
+in a running batch cannot be recalled (its result is dropped). A batch that raises fails its own
+callers only; the loop goes on. The queue itself is unbounded: admission control in front of the
+batcher bounds it (a caller that left has given its admission back, and its job is gone too).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ class BatcherClosedError(RuntimeError):
     """The batcher was closed before the job ran."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: jobs may hold arrays
 class _Waiting(Generic[JobT, ResultT]):
     job: JobT
     cost: int
@@ -56,12 +60,14 @@ class MicroBatcher(Generic[JobT, ResultT]):
         self._executor = executor
         self.max_wait_s = max_wait_s
         self.max_batch_tokens = max_batch_tokens
-        self._queue: asyncio.Queue[_Waiting[JobT, ResultT]] = asyncio.Queue()
+        self._pending: deque[_Waiting[JobT, ResultT]] = deque()
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         # Jobs taken off the queue into the batch being collected (failed if the loop stops).
         self._collecting: list[_Waiting[JobT, ResultT]] = []
         self.batches_run = 0
+        #: Jobs whose caller left before they ran (they never reached ``run_batch``).
         self.jobs_dropped = 0
 
     def start(self) -> None:
@@ -77,56 +83,80 @@ class MicroBatcher(Generic[JobT, ResultT]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while not self._queue.empty():
-            waiting = self._queue.get_nowait()
+        while self._pending:
+            waiting = self._pending.popleft()
             if not waiting.future.done():
                 waiting.future.set_exception(BatcherClosedError("the engine is shutting down"))
 
     @property
     def waiting(self) -> int:
         """Jobs queued and not yet taken into a batch."""
-        return self._queue.qsize()
+        return len(self._pending)
+
+    @property
+    def collecting(self) -> int:
+        """Jobs taken into the batch being collected, not yet running."""
+        return len(self._collecting)
 
     async def submit(self, job: JobT) -> ResultT:
-        """Queue ``job`` and wait for its result (cancelling the wait drops the job)."""
+        """Queue ``job`` and wait for its result (cancelling the wait takes the job out)."""
         if self._closed:
             raise BatcherClosedError("the engine is shutting down")
         if self._task is None:
             self.start()
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Waiting(job, max(1, self._cost(job)), future))
-        return await future
+        waiting = _Waiting(job, max(1, self._cost(job)), future)
+        self._pending.append(waiting)
+        self._arrived.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._withdraw(waiting)
+            raise
+
+    def _withdraw(self, waiting: _Waiting[JobT, ResultT]) -> None:
+        """Take a job whose caller left out of the queue or the batch being collected."""
+        for place in (self._pending, self._collecting):
+            try:
+                place.remove(waiting)
+            except ValueError:
+                continue
+            self.jobs_dropped += 1
+            return
+        # Already in a running batch (or finished): its result will be dropped.
+
+    async def _take(self, deadline: float | None) -> _Waiting[JobT, ResultT] | None:
+        """The next queued job, waiting until ``deadline`` (``None``: for ever) for one."""
+        while not self._pending:
+            self._arrived.clear()
+            if deadline is None:
+                await self._arrived.wait()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return None
+        return self._pending.popleft()
 
     async def _collect(self) -> list[_Waiting[JobT, ResultT]]:
-        first = await self._queue.get()
+        first = await self._take(None)
+        assert first is not None
         batch = self._collecting = [first]
-        tokens = first.cost
         deadline = time.monotonic() + self.max_wait_s
-        while tokens < self.max_batch_tokens:
-            if self._queue.empty():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            else:
-                nxt = self._queue.get_nowait()
-            if tokens + nxt.cost > self.max_batch_tokens:
+        # Costs are summed afresh each time: a caller that leaves takes its job (and cost) out.
+        while sum(w.cost for w in batch) < self.max_batch_tokens:
+            nxt = self._pending.popleft() if self._pending else await self._take(deadline)
+            if nxt is None:
+                break
+            if batch and sum(w.cost for w in batch) + nxt.cost > self.max_batch_tokens:
                 # Too big to join: it leads the next batch instead of waiting behind others.
-                self._requeue_front(nxt)
+                self._pending.appendleft(nxt)
                 break
             batch.append(nxt)
-            tokens += nxt.cost
         return batch
-
-    def _requeue_front(self, waiting: _Waiting[JobT, ResultT]) -> None:
-        rest = [waiting]
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
-        for item in rest:
-            self._queue.put_nowait(item)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ the same keys. Environment variables are read only by the command-line entry poi
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from tokenbridge.configargs import load_toml
 __all__ = ["BACKENDS", "ServiceConfig", "hash_api_key", "load_config_file"]
 
 BACKENDS = ("transformers", "vllm")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def hash_api_key(key: str) -> str:
@@ -51,6 +53,16 @@ class ServiceConfig:
     max_tokens_in_flight: int = field(
         default=262144, metadata={"help": "admission limit: teacher tokens being served at once"}
     )
+    admission_wait_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "longest a request waits in line for room under max_tokens_in_flight before "
+            "it is refused with 429 (0: refuse at once)"
+        },
+    )
+    admission_queue: int = field(
+        default=256, metadata={"help": "most requests waiting in line for room at once"}
+    )
     max_generate_tokens: int = field(
         default=1024, metadata={"help": "largest max_tokens of a generate request"}
     )
@@ -69,6 +81,27 @@ class ServiceConfig:
     api_key_hashes: tuple[str, ...] = field(
         default=(), metadata={"help": "sha256 hex digests of accepted keys"}
     )
+    key_tokens_per_minute: int = field(
+        default=0,
+        metadata={"help": "per-key quota: teacher tokens each API key may use a minute (0: none)"},
+    )
+    key_max_requests_in_flight: int = field(
+        default=0,
+        metadata={"help": "per-key quota: requests each API key may have in flight (0: none)"},
+    )
+    key_quotas: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "per-key overrides of key_tokens_per_minute, as KEY_ID=TOKENS_PER_MINUTE "
+            "(KEY_ID: the key's sha256 hex or its first 8+ characters)"
+        },
+    )
+    tokenizer_dirs: tuple[Path, ...] = field(
+        default=(),
+        metadata={
+            "help": "folders besides data_dir that path registrations may read tokenizers from"
+        },
+    )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism"})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "vLLM pipeline parallelism"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM memory share"})
@@ -77,6 +110,17 @@ class ServiceConfig:
         metadata={"help": "text used to report the 1:1 share when a student registers"},
     )
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    engine_restarts: int = field(
+        default=3,
+        metadata={
+            "help": "times in a row a failed engine (died, out of memory) is restarted before "
+            "the service gives up and the process exits non-zero (0: never restart)"
+        },
+    )
+    engine_restart_backoff_s: float = field(
+        default=1.0,
+        metadata={"help": "wait before restarting a failed engine; doubles each time in a row"},
+    )
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -90,6 +134,11 @@ class ServiceConfig:
             "tensor_parallel_size", "pipeline_parallel_size",
         )  # fmt: skip
         problems += [f"{name} must be positive" for name in positive if getattr(self, name) < 1]
+        if not 0 <= self.admission_wait_s <= 600 or self.admission_queue < 0:
+            problems.append(
+                "admission_wait_s must lie in [0, 600] and admission_queue must be >= 0; got "
+                f"{self.admission_wait_s} and {self.admission_queue}"
+            )
         if self.request_timeout_s <= 0 or self.batch_wait_s < 0:
             problems.append("request_timeout_s must be positive and batch_wait_s non-negative")
         if self.max_request_tokens > self.max_tokens_in_flight:
@@ -105,14 +154,60 @@ class ServiceConfig:
             )
         if any(not key for key in self.api_keys):
             problems.append("api_keys must not be empty strings")
+        if self.key_tokens_per_minute < 0 or self.key_max_requests_in_flight < 0:
+            problems.append("key_tokens_per_minute and key_max_requests_in_flight must be >= 0")
+        bad_hashes = [h for h in self.api_key_hashes if not _SHA256_HEX.fullmatch(h.lower())]
+        if bad_hashes:
+            problems.append(
+                f"api_key_hashes must be sha256 hex digests (64 of 0-9a-f); {len(bad_hashes)} "
+                "are not (hash a key with: printf %s KEY | sha256sum)"
+            )
+        else:
+            try:
+                self.key_quota_table()
+            except ValueError as error:
+                problems.append(str(error))
+        if self.engine_restarts < 0:
+            problems.append(
+                f"engine_restarts must be >= 0 (0: a failed engine is not restarted); got "
+                f"{self.engine_restarts}"
+            )
+        if not 0 <= self.engine_restart_backoff_s <= 3600:
+            problems.append(
+                f"engine_restart_backoff_s must lie in [0, 3600] seconds; got "
+                f"{self.engine_restart_backoff_s}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "tokenizer_dirs", tuple(Path(d) for d in self.tokenizer_dirs))
+        object.__setattr__(self, "api_key_hashes", tuple(h.lower() for h in self.api_key_hashes))
 
     @property
     def accepted_key_hashes(self) -> frozenset[str]:
         """Hashes of every accepted API key (plain keys are hashed here)."""
         return frozenset(self.api_key_hashes) | {hash_api_key(k) for k in self.api_keys}
+
+    def key_quota_table(self) -> dict[str, int]:
+        """Tokens per minute of every accepted key hash with a quota (``ValueError`` for an
+        override that names no key, or more than one)."""
+        hashes = {h.lower() for h in self.accepted_key_hashes}
+        table = {h: self.key_tokens_per_minute for h in hashes if self.key_tokens_per_minute}
+        for entry in self.key_quotas:
+            key_id, sep, value = entry.partition("=")
+            key_id = key_id.strip().lower()
+            if not sep or not value.strip().isdigit():
+                raise ValueError(f"key_quotas entries are KEY_ID=TOKENS_PER_MINUTE; got {entry!r}")
+            if len(key_id) < 8:
+                raise ValueError(f"key_quotas: a KEY_ID needs at least 8 hex characters: {entry!r}")
+            matches = [h for h in hashes if h.startswith(key_id)]
+            if len(matches) != 1:
+                raise ValueError(
+                    f"key_quotas: {key_id!r} matches {len(matches)} configured keys; it must "
+                    "match exactly one (the key's sha256 hex or a prefix of it)"
+                )
+            table[matches[0]] = int(value)
+        return table
 
 
 def load_config_file(path: Path | str) -> dict[str, Any]:

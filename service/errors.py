@@ -16,6 +16,7 @@ __all__ = [
     "NotReadyError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "QuotaExceededError",
     "ServiceError",
     "UnauthorizedError",
     "UnprocessableError",
@@ -107,6 +108,12 @@ class OverloadedError(ServiceError):
     def headers(self) -> dict[str, str]:
         """``Retry-After`` in whole seconds, at least 1."""
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class QuotaExceededError(OverloadedError):
+    """The API key has used its per-key quota (tokens a minute or requests in flight)."""
+
+    code = "quota_exceeded"
 
 
 class NotReadyError(ServiceError):

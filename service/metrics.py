@@ -43,4 +43,22 @@ class ServiceMetrics:
         self.rejected = Counter(
             "tokenbridge_rejected", "Requests refused by admission control", registry=r
         )
+        self.quota_refusals = Counter(
+            "tokenbridge_quota_refusals",
+            "Requests refused by a per-key quota",
+            ["key_id"],
+            registry=r,
+        )
+        self.key_teacher_tokens = Counter(
+            "tokenbridge_key_teacher_tokens",
+            "Teacher tokens used per API key",
+            ["key_id"],
+            registry=r,
+        )
+        self.engine_restarts = Counter(
+            "tokenbridge_engine_restarts", "Times a failed engine was restarted", registry=r
+        )
+        self.admission_waiting = Gauge(
+            "tokenbridge_admission_waiting", "Requests waiting in line for admission", registry=r
+        )
         self.ready = Gauge("tokenbridge_ready", "1 when the service accepts work", registry=r)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tokenbridge.shared.mapping import PairMapper
 from tokenbridge.shared.protocol import RegisterTokenizerRequest
 from tokenbridge.shared.vocab import Vocab
 
-__all__ = ["StudentEntry", "StudentRegistry"]
+__all__ = ["StudentEntry", "StudentRegistry", "check_hub_name", "resolve_inside"]
 
 logger = logging.getLogger("tokenbridge.service.registry")
 
@@ -80,7 +81,43 @@ class StudentEntry:
 def _default_loader(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    # Never run code that came with a tokenizer: registrations come from the network.
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+
+
+# A hub repository id: ``name`` or ``org/name``. Anything else (absolute or relative paths, ``..``,
+# ``~``, backslashes, URLs) could make a loader read the service's own file system.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+
+
+def check_hub_name(name: str) -> str:
+    """``name`` when it is a plain hub repository id; ``UnprocessableError`` otherwise."""
+    if not _HUB_NAME.fullmatch(name) or ".." in name or Path(name).exists():
+        raise UnprocessableError(
+            f"hub {name[:200]!r} is not a hub repository id ('name' or 'org/name' of letters, "
+            "digits, '.', '_' and '-'); register a folder on the service with 'path' (inside its "
+            "data dir) or upload the tokenizer with 'tokenizer_json'"
+        )
+    return name
+
+
+def resolve_inside(path: str, roots: Sequence[Path]) -> Path:
+    """``path`` (relative paths are taken from the first root) resolved, with every symlink and
+    ``..`` followed, when it lies inside one of ``roots``; ``UnprocessableError`` otherwise."""
+    if not path or "\x00" in path:
+        raise UnprocessableError("path must be a non-empty folder name without NUL bytes")
+    candidate = Path(path).expanduser() if path.startswith("~") else Path(path)
+    if not candidate.is_absolute():
+        candidate = roots[0] / candidate
+    resolved = candidate.resolve()
+    for root in roots:
+        if resolved.is_relative_to(root.resolve()):
+            return resolved
+    allowed = ", ".join(str(r) for r in roots)
+    raise UnprocessableError(
+        f"path {path[:200]!r} is outside the folders tokenizers may be read from ({allowed}); "
+        "copy the tokenizer there, or upload it with 'tokenizer_json'"
+    )
 
 
 class StudentRegistry:
@@ -92,8 +129,11 @@ class StudentRegistry:
         teacher_tokenizer: Any,
         probe_text: str,
         loader: Callable[[str], Any] = _default_loader,
+        tokenizer_dirs: Sequence[Path | str] = (),
     ) -> None:
         self.root = Path(root)
+        # Folders a ``path`` registration may name: the data dir first, then any the operator adds.
+        self.tokenizer_dirs = (self.root, *(Path(d) for d in tokenizer_dirs))
         self.students_dir = self.root / "students"
         self.tables = TableCache(self.root / "tables")
         self.teacher_tokenizer = teacher_tokenizer
@@ -152,12 +192,15 @@ class StudentRegistry:
     def register(self, request: RegisterTokenizerRequest) -> tuple[StudentEntry, bool]:
         """Register the tokenizer ``request`` describes; return it and whether it was new."""
         tokenizer, source = self._load_requested(request)
-        student_id = tokenizer_fingerprint(tokenizer)
+        try:
+            student_id = tokenizer_fingerprint(tokenizer)
+        except Exception as error:
+            raise UnprocessableError(f"cannot read the tokenizer: {_reason(error)}") from None
         with self._lock:
             existing = self._entries.get(student_id)
             if existing is not None:
                 return existing, False
-            entry = self._entry(student_id, tokenizer, request.name, source, time.time())
+            entry = self._checked_entry(student_id, tokenizer, request.name, source)
             self._store(entry)
             self._entries[entry.id] = entry
         logger.info("registered student %s (%s) from %s", entry.id, entry.name, source["kind"])
@@ -179,18 +222,25 @@ class StudentRegistry:
                 tokenizer = self._from_json(request)
                 source = {"kind": "tokenizer_json"}
             elif request.path is not None:
-                path = Path(request.path)
-                if not path.exists():
-                    raise UnprocessableError(f"path {request.path!r} does not exist on the service")
+                path = resolve_inside(request.path, self.tokenizer_dirs)
+                if not path.is_dir():
+                    raise UnprocessableError(
+                        f"path {request.path[:200]!r} is not a folder on the service (it does not "
+                        "exist or is a file)"
+                    )
                 tokenizer = _default_loader(str(path))
                 source = {"kind": "path", "path": str(path)}
             else:
                 assert request.hub is not None
-                tokenizer = self._loader(request.hub)
+                tokenizer = self._loader(check_hub_name(request.hub))
                 source = {"kind": "hub", "hub": request.hub}
         except UnprocessableError:
             raise
-        except Exception as error:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as error:
+            # BaseException: the Rust tokenizers library reports its panics as PanicException,
+            # which does not derive from Exception; a hostile upload must not take a worker down.
             raise UnprocessableError(f"cannot load the tokenizer: {_reason(error)}") from None
         if not getattr(tokenizer, "is_fast", False):
             raise UnprocessableError("the tokenizer has no fast (Rust) implementation")
@@ -212,6 +262,23 @@ class StudentRegistry:
             )
         backend = Tokenizer.from_str(request.tokenizer_json or "")
         return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+    def _checked_entry(
+        self, student_id: str, tokenizer: Any, name: str, source: dict[str, str]
+    ) -> StudentEntry:
+        """``_entry`` for a new registration: whatever a strange tokenizer makes the vocabulary or
+        table code raise is the registration's fault (422), logged in full for the operator."""
+        try:
+            return self._entry(student_id, tokenizer, name, source, time.time())
+        except UnprocessableError:
+            raise
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+            raise
+        except BaseException as error:  # PanicException from the Rust tokenizers library too
+            logger.warning("registration %r could not be mapped", name, exc_info=True)
+            raise UnprocessableError(
+                f"tokenizer {name!r} cannot be mapped: {_reason(error)}"
+            ) from None
 
     def _entry(
         self, student_id: str, tokenizer: Any, name: str, source: dict[str, str], created: float

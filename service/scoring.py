@@ -10,6 +10,8 @@ unscored.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,15 +61,30 @@ def render_prompt(
     else:
         if prompt.ids is not None:
             assert student is not None
-            if prompt.ids and max(prompt.ids) >= student.vocab.size:
+            largest = max(prompt.ids, default=0)
+            if largest >= student.vocab.size:
                 raise UnprocessableError(
                     f"prompt ids must lie in [0, {student.vocab.size}) for student "
-                    f"{student.name!r}; got {max(prompt.ids)}"
+                    f"{student.name!r}; got {_short(largest)}"
                 )
-            text = student.tokenizer.decode(prompt.ids, skip_special_tokens=True)
+            text = _tokenizer_call(
+                "the student tokenizer cannot decode the prompt ids",
+                student.tokenizer.decode,
+                prompt.ids,
+                skip_special_tokens=True,
+            )
         else:
             text = prompt.text or ""
-        ids = teacher_tokenizer.encode(text, add_special_tokens=True) if text else []
+        ids = (
+            _tokenizer_call(
+                "the teacher tokenizer cannot encode the prompt",
+                teacher_tokenizer.encode,
+                text,
+                add_special_tokens=True,
+            )
+            if text
+            else []
+        )
     if not ids:
         starter = teacher_tokenizer.bos_token_id
         if starter is None:
@@ -79,6 +96,29 @@ def render_prompt(
             )
         ids = [int(starter)]
     return list(ids)
+
+
+def _short(number: int) -> str:
+    """``number`` for a message, cut when it is absurdly long."""
+    return str(number) if number.bit_length() <= 256 else f"a number of {number.bit_length()} bits"
+
+
+def _tokenizer_call(what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` on a tokenizer; what it refuses is the request's fault (422).
+
+    The Rust ``tokenizers`` library reports a panic as ``pyo3_runtime.PanicException``, which
+    derives from ``BaseException``: it is caught here too, so a strange input or an uploaded
+    tokenizer cannot take a worker down.
+    """
+    try:
+        return call(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except BaseException as error:
+        if isinstance(error, asyncio.CancelledError):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UnprocessableError(f"{what}: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -105,13 +145,16 @@ def prepare(
     max_model_len: int,
 ) -> PreparedSequence:
     """Render, re-tokenise and align one sequence; ``UnprocessableError`` for bad ids or text."""
-    student_ids = np.asarray(sequence.completion_ids, dtype=np.int64)
     vocab = student.vocab
-    if len(student_ids) and int(student_ids.max()) >= vocab.size:
+    # Checked on the Python ints: an id past int64 (a msgpack uint64, a long JSON number) must be
+    # refused with the range, not overflow the conversion to an array.
+    largest = max(sequence.completion_ids, default=0)
+    if largest >= vocab.size:
         raise UnprocessableError(
             f"completion ids must lie in [0, {vocab.size}) for student {student.name!r}; "
-            f"got {int(student_ids.max())}"
+            f"got {_short(largest)}"
         )
+    student_ids = np.asarray(sequence.completion_ids, dtype=np.int64)
     prompt_ids = render_prompt(sequence.prompt, teacher_tokenizer, student)
     try:
         view = teacher_view(

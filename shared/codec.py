@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import msgpack
@@ -152,24 +153,55 @@ def pack(value: Any, content_type: str = MSGPACK) -> bytes:
         raise CodecError(f"cannot encode the value: {error}") from None
 
 
+# An escape in U+D800..U+DFFF: the only way a lone surrogate gets into a JSON string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_text(value: Any) -> None:
+    """``CodecError`` when a string in ``value`` holds a lone surrogate (no UTF-8 spelling)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CodecError(
+                    "body is not valid JSON: a string holds a lone UTF-16 surrogate escape "
+                    f"({item[:40]!r}); send valid Unicode"
+                ) from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
 def unpack(body: bytes, content_type: str = MSGPACK) -> Any:
-    """Parse a msgpack or JSON body (typed arrays become numpy); ``CodecError`` if malformed."""
+    """Parse a msgpack or JSON body (typed arrays become numpy); ``CodecError`` if malformed.
+
+    Strings are valid Unicode either way: msgpack's must be UTF-8, and a JSON string escaping a
+    lone surrogate (``"\\ud800"``) is refused.
+    """
     if content_type == JSON:
         try:
-            return json.loads(body, parse_constant=_refuse_constant)
+            value = json.loads(body, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as error:
-            raise CodecError(f"body is not valid JSON: {error}") from None
+            raise CodecError(f"body is not valid JSON: {_reason(error)}") from None
+        if isinstance(body, str) or _SURROGATE_ESCAPE.search(body):
+            _check_text(value)
+        return value
     try:
         return msgpack.unpackb(
             body, raw=False, object_hook=_object_hook, strict_map_key=True, ext_hook=_refuse_ext
         )
     except CodecError:
         raise
-    except (
-        ValueError,
-        TypeError,
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-    ) as error:
-        raise CodecError(f"body is not valid msgpack: {error}") from None
+    except (msgpack.StackError, RecursionError):  # StackError is a ValueError: caught first
+        raise CodecError("body is not valid msgpack: it is nested too deeply") from None
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as error:
+        raise CodecError(f"body is not valid msgpack: {_reason(error)}") from None

@@ -491,7 +491,7 @@ class PairMapper:
         sampled_logq_N = np.full(n_rows, -np.inf)
         mapped_N = np.zeros(n_rows)
         widened = np.zeros(0, dtype=np.int64)
-        if extra_rows:
+        if any(len(rows) for rows in extra_rows):
             # Rows with extra entries are ranked on their own, wider, so that the few of them do
             # not widen every row.
             rows_e = np.concatenate(extra_rows)

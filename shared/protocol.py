@@ -14,10 +14,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "API_VERSION",
+    "GREEDY_BELOW_TEMPERATURE",
     "SCORE_ARRAY_DTYPES",
     "GenerateRequest",
     "Message",
@@ -29,6 +37,8 @@ __all__ = [
 ]
 
 API_VERSION = "v1"
+#: Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 # What each per-token array of a score response is sent as. Integer arrays may travel narrower
 # (see ``codec``); log-probs of the sampled tokens stay float32, the sparse rows float16.
@@ -48,7 +58,16 @@ def _ids_list(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.ndim != 1 or value.dtype.kind not in "iu":
             raise ValueError(f"ids must be a 1-D integer array; got {value.dtype} {value.shape}")
-        return value.astype(np.int64).tolist()
+        # ``tolist`` keeps every value exact (a uint64 above 2**63 must not wrap to a negative id).
+        return value.tolist()
+    return value
+
+
+def _not_an_array(value: Any) -> Any:
+    """Refuse a typed array where a plain number belongs (numpy would turn a one-element array
+    into its value)."""
+    if isinstance(value, np.ndarray):
+        raise ValueError(f"expected a number; got an array of shape {value.shape}")
     return value
 
 
@@ -112,10 +131,37 @@ class GenerateRequest(_Model):
     """``POST /v1/generate``: teacher samples for prompts given as text or messages."""
 
     prompts: list[Prompt] = Field(min_length=1)
-    max_tokens: int = Field(default=128, ge=1, strict=True)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        strict=True,
+        description="tokens to sample per prompt; default 128, or the service's "
+        "max_generate_tokens when that is smaller",
+    )
+    # Strict numbers: no strings, booleans or one-element arrays standing in for them.
+    temperature: Annotated[float, BeforeValidator(_not_an_array)] = Field(
+        default=1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        strict=True,
+        description=f"0 is greedy; so is anything below {GREEDY_BELOW_TEMPERATURE} (as in vLLM)",
+    )
+    top_p: Annotated[float, BeforeValidator(_not_an_array)] = Field(
+        default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        strict=True,
+        description="a 64-bit signed integer; prompt i is sampled with seed + i",
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_when_tiny(cls, value: float) -> float:
+        # Logits divided by a temperature of 1e-300 overflow to inf and sampling fails on NaN.
+        return 0.0 if value < GREEDY_BELOW_TEMPERATURE else value
 
     @model_validator(mode="after")
     def _no_ids(self) -> GenerateRequest:

@@ -71,6 +71,8 @@ class StudentTrie:
 
 
 def _member(sorted_values: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(sorted_values) == 0:  # e.g. a pure byte vocabulary: no token extends another
+        return np.zeros(len(queries), dtype=bool), np.zeros(len(queries), dtype=np.int64)
     where = np.searchsorted(sorted_values, queries)
     where_clipped = np.minimum(where, len(sorted_values) - 1)
     found = (where < len(sorted_values)) & (sorted_values[where_clipped] == queries)

@@ -10,7 +10,9 @@ comma-separated) and ``TOKENBRIDGE_API_KEY`` (the key the trainer presents).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,7 +25,12 @@ from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, materialise
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
-__all__ = ["main"]
+__all__ = ["SERVE_ENGINE_FAILED", "SERVE_STARTUP_FAILED", "main"]
+
+#: ``tokenbridge serve``'s exit status when the service did not start (uvicorn's own code).
+SERVE_STARTUP_FAILED = 3
+#: ``tokenbridge serve``'s exit status when its engine failed and ``engine_restarts`` were spent.
+SERVE_ENGINE_FAILED = 4
 
 
 def _default_cache() -> Path:
@@ -180,13 +187,33 @@ def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     configure_logging(config.log_level)
     cache = _default_cache()
     app = create_app(config, tokenizer_loader=lambda name: load_tokenizer(name, cache))
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_config=None,
-        timeout_graceful_shutdown=int(config.request_timeout_s),
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_config=None,
+            timeout_graceful_shutdown=int(config.request_timeout_s),
+        )
     )
+    service = app.state.service
+
+    def engine_lost() -> None:
+        # The engine failed and its restarts are spent: shut down like on SIGTERM, then exit
+        # non-zero so that a supervisor (systemd, Kubernetes, Docker) starts a fresh process.
+        server.should_exit = True
+
+    service.on_failed = engine_lost
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        return SERVE_STARTUP_FAILED
+    if service.state == "failed":
+        logging.getLogger("tokenbridge.service").critical(
+            "exiting with status %d: the teacher engine failed and could not be restarted",
+            SERVE_ENGINE_FAILED,
+        )
+        return SERVE_ENGINE_FAILED
     return 0
 
 

@@ -278,7 +278,7 @@ def load_tokenizer(name_or_path: str, cache_dir: Path | str | None = None) -> An
         source = str(materialise(name_or_path, cache_dir))
     else:
         source = name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if not getattr(tokenizer, "is_fast", False):
         raise OfflineTokenizerError(f"{name_or_path!r} has no fast (Rust) tokenizer")
     return tokenizer

@@ -4,11 +4,16 @@ Scoring requests are micro-batched (``MicroBatcher``): one forward pass per batc
 right-padded sequences, then log-softmax, ``torch.topk`` and the actual tokens' log-probs on the
 completion rows only. All model work runs on one worker thread, so forward passes and generation
 never overlap on the same weights and the event loop stays free.
+
+Out of memory (CUDA's ``torch.OutOfMemoryError``, or the CPU allocator failing) marks the engine
+unhealthy; ``stop`` then ``start`` brings it back with a fresh worker thread, batcher and model
+(the service does this itself, see ``TeacherService``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,7 +32,21 @@ from tokenbridge.service.engines.base import (
     package_versions,
 )
 
-__all__ = ["TransformersEngine"]
+__all__ = ["TransformersEngine", "is_out_of_memory"]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is torch running out of memory: CUDA's (or another accelerator's)
+    ``torch.OutOfMemoryError``, or the CPU allocator's ``RuntimeError`` ("can't allocate
+    memory")."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text
+    )
 
 
 class TransformersEngine:
@@ -71,16 +90,24 @@ class TransformersEngine:
             versions=package_versions("torch", "transformers", "tokenbridge"),
             flop_model=flop_model(config),
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
-        self._batcher: MicroBatcher[ScoreJob, PositionScores] = MicroBatcher(
-            self.score_batch,
-            lambda job: len(job.ids),
-            executor=self._executor,
-            max_wait_s=batch_wait_s,
-            max_batch_tokens=batch_max_tokens,
-        )
+        self.batch_wait_s = batch_wait_s
+        self.batch_max_tokens = batch_max_tokens
+        self._executor, self._batcher = self._workers()
+        self._stopped = False
         self._model: Any = None
         self._dead = False
+
+    def _workers(self) -> tuple[ThreadPoolExecutor, MicroBatcher[ScoreJob, PositionScores]]:
+        """A fresh worker thread and the micro-batcher that feeds it."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
+        batcher: MicroBatcher[ScoreJob, PositionScores] = MicroBatcher(
+            self.score_batch,
+            lambda job: len(job.ids),
+            executor=executor,
+            max_wait_s=self.batch_wait_s,
+            max_batch_tokens=self.batch_max_tokens,
+        )
+        return executor, batcher
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -98,19 +125,39 @@ class TransformersEngine:
         self._model = model.to(self.device).eval()
 
     async def start(self) -> None:
-        """Load the model on the worker thread and start the micro-batcher."""
+        """Load the model on the worker thread and start the micro-batcher.
+
+        After ``stop`` (a restart) a new worker thread and batcher replace the closed ones.
+        """
+        if self._stopped:
+            self._executor, self._batcher = self._workers()
+            self._stopped = False
+        self._dead = False
         await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
         self._batcher.start()
 
     async def stop(self) -> None:
-        """Fail waiting jobs, let the running batch finish, release the model."""
+        """Fail waiting jobs, let the running batch finish, release the model (and, on a GPU,
+        the memory it held). Safe to call more than once; ``start`` may follow."""
+        self._stopped = True
         await self._batcher.close()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Waiting for the running batch blocks: keep the event loop free meanwhile.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._model = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
     def healthy(self) -> bool:
-        """False once a batch hit an unrecoverable error (out of memory)."""
+        """False once a batch hit an unrecoverable error (out of memory), and while stopped."""
         return self._model is not None and not self._dead
+
+    @property
+    def batcher(self) -> MicroBatcher[ScoreJob, PositionScores]:
+        """The micro-batcher feeding the worker thread (a new one after each restart)."""
+        return self._batcher
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -160,8 +207,9 @@ class TransformersEngine:
                 topk_ids = top_NK.indices.cpu().numpy().astype(np.int64)
                 topk_lps = top_NK.values.cpu().numpy()
                 actual = actual_N.cpu().numpy()
-        except torch.OutOfMemoryError:
-            self._dead = True
+        except Exception as error:
+            if is_out_of_memory(error):
+                self._dead = True
             raise
         results: list[PositionScores] = []
         offset = 0
@@ -187,8 +235,22 @@ class TransformersEngine:
         generator_seed = params.seed if params.seed is not None else torch.seed()
         torch.manual_seed(generator_seed)
         sample = params.temperature > 0
+        try:
+            output = self._sample(prompt_ids, params, sample)
+        except Exception as error:
+            if is_out_of_memory(error):
+                self._dead = True
+            raise
+        ids = output[0, len(prompt_ids) :].tolist()
+        eos = self.tokenizer.eos_token_id
+        finish = "stop" if eos is not None and ids and ids[-1] == eos else "length"
+        return Generated(ids=ids, text=completion_text(self.tokenizer, ids), finish_reason=finish)
+
+    def _sample(self, prompt_ids: list[int], params: GenerateParams, sample: bool) -> Any:
+        import torch
+
         with torch.inference_mode():
-            output = self._model.generate(
+            return self._model.generate(
                 input_ids=torch.tensor([prompt_ids], device=self.device),
                 attention_mask=torch.ones(
                     (1, len(prompt_ids)), dtype=torch.long, device=self.device
@@ -200,10 +262,6 @@ class TransformersEngine:
                 top_k=0 if sample else None,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             )
-        ids = output[0, len(prompt_ids) :].tolist()
-        eos = self.tokenizer.eos_token_id
-        finish = "stop" if eos is not None and ids and ids[-1] == eos else "length"
-        return Generated(ids=ids, text=completion_text(self.tokenizer, ids), finish_reason=finish)
 
     async def generate(self, prompt_ids: list[int], params: GenerateParams) -> Generated:
         """Sample one completion on the worker thread (between scoring batches)."""

@@ -132,7 +132,8 @@ class VLLMEngine:
         )
         self._engine: Any = None
         self._dead = False
-        self._stopped = False
+        # Counts ``stop`` calls: a ``start`` that a ``stop`` overtook shuts its engine down.
+        self._stops = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -141,12 +142,13 @@ class VLLMEngine:
 
         Construction blocks, so it runs on a thread and the event loop keeps answering liveness
         probes meanwhile. The caller's process must be import-safe (``if __name__ ==
-        "__main__":``), since vLLM may spawn its workers.
+        "__main__":``), since vLLM may spawn its workers. After ``stop`` (a restart, e.g. once the
+        engine core died) it builds a new engine.
         """
         if self._engine is not None:
             return
-        if self._stopped:
-            raise RuntimeError("this engine was stopped; build a new VLLMEngine")
+        stops = self._stops
+        self._dead = False
         try:
             import vllm
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -160,6 +162,10 @@ class VLLMEngine:
         # keeps this frame alive, and a local would keep the stopped engine with it until
         # interpreter exit, where its ``__del__`` fails with a TypeError.
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        if self._stops != stops:
+            # ``stop`` ran while the engine was being built: it found nothing to shut down.
+            await self.stop()
+            raise RuntimeError("the vLLM engine was stopped while it started")
         # A round trip to the engine core on this loop: it starts vLLM's output task here (so a
         # failure the core reports early is not missed) and proves the core answers.
         tasks = await self._engine.get_supported_tasks()
@@ -177,8 +183,9 @@ class VLLMEngine:
         )
 
     async def stop(self) -> None:
-        """Shut the engine down (its worker processes exit); safe to call more than once."""
-        self._stopped = True
+        """Shut the engine down (its worker processes exit); safe to call more than once, and
+        ``start`` may follow."""
+        self._stops += 1
         engine, self._engine = self._engine, None
         if engine is not None:
             # ``shutdown`` joins processes with a timeout; keep the loop free while it does.

@@ -321,7 +321,9 @@ def test_register_upload_and_delete(app, bank):
     ("body", "status", "needle"),
     [
         ({"name": "x", "tokenizer_json": "{not json"}, 422, "cannot load the tokenizer"),
-        ({"name": "x", "path": "/definitely/not/here"}, 422, "does not exist"),
+        ({"name": "x", "path": "/definitely/not/here"}, 422, "outside"),
+        ({"name": "x", "path": "not/here"}, 422, "not a folder"),
+        ({"name": "x", "hub": "../gpt2"}, 422, "not a hub repository id"),
         ({"name": "x", "path": "/tmp", "hub": "gpt2"}, 422, "exactly one"),
         ({"name": "x"}, 422, "exactly one"),
         ({"name": "x", "hub": "gpt2", "colour": "red"}, 422, "colour"),
@@ -537,7 +539,9 @@ def test_body_and_token_limits_name_the_limit(teacher_dir, tmp_path, bank):
 def test_admission_refuses_with_retry_after_then_admits(teacher_dir, tmp_path, bank):
     engine = GatedEngine(transformers_engine(teacher_dir))
     ids = completion(bank, "gpt2")
-    config = config_for(teacher_dir, tmp_path, max_tokens_in_flight=40, max_request_tokens=40)
+    config = config_for(
+        teacher_dir, tmp_path, max_tokens_in_flight=40, max_request_tokens=40, admission_wait_s=0
+    )
     with running_app(config, engine=engine) as harness:
 
         async def go(client):
@@ -602,7 +606,8 @@ def test_deadline_and_cancellation_abandon_work(teacher_dir, tmp_path, bank):
 def test_engine_death_turns_readiness_503(teacher_dir, tmp_path, bank):
     engine = GatedEngine(transformers_engine(teacher_dir))
     engine.gate.set()
-    config = config_for(teacher_dir, tmp_path)
+    # Restarts off: the death is final at once (tests/fault covers restarts).
+    config = config_for(teacher_dir, tmp_path, engine_restarts=0)
     with running_app(config, engine=engine) as harness:
 
         async def go(client):
@@ -778,3 +783,16 @@ def test_score_and_generate_report_teacher_flops_alike(app, students, bank, teac
         gen_usage["teacher_prompt_tokens"] + gen_usage["teacher_completion_tokens"]
     )
     assert gen_usage["teacher_flops"] == sum(sequence_flops(n) for n in gen_lengths)
+
+
+def test_generate_without_max_tokens_fits_a_small_max_generate_tokens(teacher_dir, tmp_path):
+    config = config_for(teacher_dir, tmp_path, max_generate_tokens=8)
+    with running_app(config) as harness:
+        response = harness.run(
+            lambda client: client.post(
+                "/v1/generate", json={"prompts": [{"text": "HAMLET.\n"}], "seed": 1}
+            )
+        )
+    assert response.status_code == 200, response.text
+    completion = response.json()["completions"][0]
+    assert 1 <= len(completion["ids"]) <= 8
