@@ -1,0 +1,668 @@
+"""Load benchmark: concurrent students of different tokenizer families against one teacher service.
+
+Setup: ``tokenbridge serve`` as its own process on loopback (127.0.0.1 only) with a tiny
+GPT-2-architecture teacher (hidden 256, 4 layers, the real GPT-2 tokenizer, built locally: nothing
+is downloaded). ``--students`` simulated students run as asyncio tasks, each with its own
+``httpx.AsyncClient`` and its own offline tokenizer, cycling through the families (mistral-v1,
+qwen2, llama3, gpt2, mistral-v3, tekken, qwen3.6). Each student registers its tokenizer
+(``POST /v1/tokenizers``), waits for the others, then loops until ``--duration`` seconds have passed
+or it has sent ``--max-requests`` requests: a msgpack ``POST /v1/score`` of ``--batch`` completions
+of a Shakespeare play (a text prompt, 32-64 student tokens encoded in its own tokenizer, as a
+continuation), ``top_k`` 16, validated row by row. 429 and 503 are retried as ``TeacherClient``
+retries them: never sooner than ``Retry-After``, full-jitter exponential backoff (``--backoff-*``),
+at most ``--max-retries`` times. A request in flight when the time is up is finished, not
+abandoned. Admission refuses rather than queues, so under sustained overload a refused student can
+keep losing its turn to students whose answers just came back (they send again at once):
+``per_student`` shows the spread, ``retries_exhausted`` what a ``TeacherClient`` would give up on.
+
+Accounting is per logical request (a request and its retries count once):
+
+* ``requests``: requests sent; ``answered``: answered 200 with a valid answer;
+  ``refused_retried``: answered after one or more 429/503 refusals;
+* ``attempts``: HTTP exchanges, retries included; ``statuses``: every attempt by HTTP status;
+  ``refusals``: the 429/503 attempts by status;
+* ``lost``: requests neither answered nor refused-then-answered, with their reasons in ``errors``
+  (an HTTP status other than 200/429/503, an exception or timeout, an answer that fails
+  validation, retries exhausted, cancelled at the hard stop). It must be 0;
+* ``server_errors``: attempts answered 5xx other than 503 (a 503 is a refusal, retried);
+* ``server``: the service's own ``/metrics`` counts for ``/v1/score`` by status, which must match
+  ``statuses`` (``accounting_matches``).
+
+Latencies (ms, answered requests only): ``latency_ms`` end to end, refusal waits included;
+``attempt_latency_ms`` the answered attempt alone; ``refusal_latency_ms`` how long a refusal took to
+come back; ``retry_after_s`` the waits the service asked for; ``service_stage_s`` the service's own
+``timings`` per request. Rates (``positions_per_s``, ``teacher_tokens_per_s``, from each answer's
+``usage``) are over the load phase's wall time ``duration_s``: from the last registration to the
+last answer (the requests in flight at ``requested_duration_s`` included; registration is
+reported apart).
+
+Run ``python bench/load.py --students 8 --duration 60``; ``--max-tokens-in-flight 1000`` (about one
+request of the default shape at a time) provokes admission refusals. The last line of stdout is one
+JSON object, progress goes to stderr. The exit status is 1 if a request was lost or an attempt was
+answered 5xx (other than 503).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tokenbridge.demo import shakespeare_dir
+from tokenbridge.hub import load_tokenizer
+from tokenbridge.process import serve_process
+from tokenbridge.shared.align import encode_continuation
+from tokenbridge.shared.cache import TableCache
+from tokenbridge.shared.codec import MSGPACK, pack, unpack
+from tokenbridge.shared.protocol import ScoredSequence
+from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+#: Tokenizer families, SentencePiece and byte-level alternating, cycled over the students.
+FAMILIES = ("mistral-v1", "qwen2", "llama3", "gpt2", "mistral-v3", "tekken", "qwen3.6")
+TOP_K = 16
+HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
+TARGETS = {"lost_max": 0, "server_errors_max": 0}
+
+
+# -- the students' work ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Student:
+    """One simulated student: its tokenizer and a pool of completions to score."""
+
+    index: int
+    family: str
+    play: str
+    vocab_size: int
+    sequences: list[dict[str, Any]]
+
+
+def _play(index: int) -> tuple[str, str]:
+    """The body of the ``index``-th play (modern spelling), without Gutenberg's front and back."""
+    plays = sorted(shakespeare_dir().glob("*_gut.txt"))
+    path = plays[index % len(plays)]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return path.stem, text[len(text) // 20 : len(text) * 9 // 10]
+
+
+def _completions(
+    tokenizer: Any, vocab: Any, text: str, count: int, rng: random.Random, tokens: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """``count`` sequences from ``text``: a prompt of a few lines, then a completion of
+    ``tokens[0]..tokens[1]`` student tokens that continues it (as a student's sample would)."""
+    out: list[dict[str, Any]] = []
+    low, high = tokens
+    while len(out) < count:
+        start = text.find("\n", rng.randrange(500, len(text) - 8 * high)) + 1
+        prompt_from = text.rfind("\n", 0, start - rng.randrange(80, 400)) + 1
+        want = rng.randint(low, high)
+        ids = encode_continuation(tokenizer, vocab, text[start : start + 8 * high])[:want]
+        if len(ids) < low:
+            continue
+        out.append(
+            {
+                "prompt": {"text": text[prompt_from:start]},
+                "completion_ids": np.asarray(ids, dtype=np.int64),
+            }
+        )
+    return out
+
+
+def _students(args: argparse.Namespace) -> list[Student]:
+    """The students, their tokenizers loaded offline and their sequences encoded up front (the
+    load phase then spends the client's CPU on HTTP and validation only)."""
+    tables = TableCache(args.cache_dir / "tables")
+    loaded: dict[str, tuple[Any, Any]] = {}
+    students = []
+    for index in range(args.students):
+        family = args.tokenizers[index % len(args.tokenizers)]
+        if family not in loaded:
+            tokenizer = load_tokenizer(family, args.cache_dir)
+            loaded[family] = (tokenizer, tables.vocab(tokenizer, family))
+        tokenizer, vocab = loaded[family]
+        play, text = _play(index)
+        rng = random.Random(args.seed * 1000 + index)
+        pool = _completions(
+            tokenizer, vocab, text, args.pool, rng, (args.min_tokens, args.max_tokens)
+        )
+        students.append(Student(index, family, play, len(tokenizer), pool))
+    return students
+
+
+@dataclass(frozen=True)
+class Retries:
+    """How 429/503 are retried; the defaults are ``TeacherClientConfig``'s."""
+
+    max_retries: int = 8
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 30.0
+
+    def wait_s(self, refusal: int, retry_after: float | None, rng: random.Random) -> float:
+        """Seconds to wait after the ``refusal``-th refusal: full-jitter exponential backoff,
+        never sooner than the service's ``Retry-After``."""
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (refusal - 1))
+        return max(retry_after or 0.0, rng.uniform(0.0, ceiling))
+
+
+# -- accounting -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Everything one student saw. Merged over the students at the end."""
+
+    requests: int = 0
+    answered: int = 0
+    refused_retried: int = 0
+    attempts: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    latency_s: list[float] = field(default_factory=list)
+    attempt_latency_s: list[float] = field(default_factory=list)
+    refusal_latency_s: list[float] = field(default_factory=list)
+    retry_wait_s: float = 0.0
+    retry_after_s: list[float] = field(default_factory=list)
+    #: 429/503 answers without a usable ``Retry-After`` (the protocol promises one).
+    missing_retry_after: int = 0
+    positions: int = 0
+    teacher_tokens: int = 0
+    request_teacher_tokens: list[int] = field(default_factory=list)
+    sequences: int = 0
+    unscored_positions: int = 0
+    #: The service's own ``timings`` of answered requests, summed by stage (prepare, engine, ...).
+    stage_s: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def lost(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def refusals(self) -> int:
+        return self.statuses["429"] + self.statuses["503"]
+
+    def merge(self, other: Tally) -> None:
+        for name in self.__dataclass_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if isinstance(mine, Counter):
+                mine.update(theirs)
+            elif isinstance(mine, list):
+                mine.extend(theirs)
+            else:
+                setattr(self, name, mine + theirs)
+
+
+class BadAnswerError(Exception):
+    """A 200 whose body does not say what the request asked."""
+
+
+def _validate(answer: Any, body: dict[str, Any], vocab_size: int) -> tuple[int, int, int]:
+    """Check a score answer against its request; (positions, teacher tokens, unscored rows)."""
+    if not isinstance(answer, dict) or answer.get("top_k") != body["top_k"]:
+        raise BadAnswerError("top_k missing or not the one asked")
+    sent, got = body["sequences"], answer.get("sequences")
+    if not isinstance(got, list) or len(got) != len(sent):
+        raise BadAnswerError(f"{len(sent)} sequences sent, {len(got or [])} answered")
+    unscored = 0
+    for request, wire in zip(sent, got, strict=True):
+        rows = len(request["completion_ids"])
+        scored = ScoredSequence.from_wire(wire, body["top_k"])
+        per_row = (
+            scored.logprobs_S, scored.chunk_ids_S, scored.tail_mass_S,
+            scored.unresolved_mass_S, scored.exact_S,
+        )  # fmt: skip
+        if any(a.shape != (rows,) for a in per_row):
+            raise BadAnswerError(f"per-token arrays need {rows} rows")
+        if scored.topk_ids_SK.shape != (rows, body["top_k"]) or (
+            scored.topk_logprobs_SK.shape != scored.topk_ids_SK.shape
+        ):
+            raise BadAnswerError(f"top-K arrays need shape ({rows}, {body['top_k']})")
+        finite = np.isfinite(scored.logprobs_S)
+        if (scored.logprobs_S[finite] > 1e-4).any():
+            raise BadAnswerError("a log-prob above 0")
+        # Gaps (bytes the teacher cannot spell) leave rows unscored; without gaps none may be.
+        if scored.alignment.get("untiled_bytes", 0) == 0 and not finite.all():
+            raise BadAnswerError("non-finite log-probs in a completion without gaps")
+        ids = scored.topk_ids_SK[finite]
+        if ((ids < -1) | (ids >= vocab_size)).any():
+            raise BadAnswerError("a top-K id outside the student's vocabulary")
+        if (ids[:, 0] < 0).any() or not np.isfinite(scored.topk_logprobs_SK[finite][:, 0]).all():
+            raise BadAnswerError("a scored row without a most likely token")
+        unscored += int((~finite).sum())
+    usage = answer.get("usage") or {}
+    positions = sum(len(s["completion_ids"]) for s in sent)
+    if usage.get("positions") != positions:
+        raise BadAnswerError(
+            f"usage.positions {usage.get('positions')} for {positions} tokens sent"
+        )
+    return positions, int(usage.get("teacher_tokens", 0)), unscored
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds; ``None`` when absent or not a number of seconds."""
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+async def _score_once(
+    http: httpx.AsyncClient,
+    student: Student,
+    body: dict[str, Any],
+    tally: Tally,
+    rng: random.Random,
+    retries: Retries,
+) -> None:
+    """One logical request: send, retry 429/503 like ``TeacherClient``, validate, count."""
+    content = pack(body)
+    tally.requests += 1
+    started = time.perf_counter()
+    refused = 0
+    while True:
+        attempt_started = time.perf_counter()
+        tally.attempts += 1
+        try:
+            response = await http.post("/v1/score", content=content, headers=HEADERS)
+        except Exception as error:  # timeouts, broken connections, anything: the request is lost
+            tally.errors[f"exception:{type(error).__name__}"] += 1
+            return
+        attempt_s = time.perf_counter() - attempt_started
+        status = response.status_code
+        tally.statuses[str(status)] += 1
+        if status in (429, 503):
+            tally.refusal_latency_s.append(attempt_s)
+            refused += 1
+            if refused > retries.max_retries:
+                tally.errors["retries_exhausted"] += 1
+                return
+            retry_after = _retry_after_s(response)
+            tally.missing_retry_after += retry_after is None
+            if retry_after is not None:
+                tally.retry_after_s.append(retry_after)
+            wait = retries.wait_s(refused, retry_after, rng)
+            tally.retry_wait_s += wait
+            await asyncio.sleep(wait)
+            continue
+        if status != 200:
+            tally.errors[f"http_{status}"] += 1
+            return
+        try:
+            answer = unpack(response.content)
+            positions, teacher_tokens, unscored = _validate(answer, body, student.vocab_size)
+        except Exception as error:  # a decoding error or a failed check: a bad answer
+            tally.errors[f"bad_answer:{type(error).__name__}"] += 1
+            print(
+                f"student {student.index} ({student.family}): bad answer: {error}", file=sys.stderr
+            )
+            return
+        tally.answered += 1
+        tally.refused_retried += refused > 0
+        tally.latency_s.append(time.perf_counter() - started)
+        tally.attempt_latency_s.append(attempt_s)
+        tally.positions += positions
+        tally.teacher_tokens += teacher_tokens
+        tally.request_teacher_tokens.append(teacher_tokens)
+        tally.sequences += len(body["sequences"])
+        tally.unscored_positions += unscored
+        tally.stage_s.update(answer.get("timings") or {})
+        return
+
+
+async def _register(http: httpx.AsyncClient, student: Student) -> dict[str, Any]:
+    """``POST /v1/tokenizers`` for the student's family; its id, status and time taken."""
+    started = time.perf_counter()
+    response = await http.post(
+        "/v1/tokenizers", content=pack({"name": student.family, "hub": student.family}),
+        headers=HEADERS,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    if response.status_code not in (200, 201):
+        raise RuntimeError(
+            f"student {student.index} could not register {student.family}: "
+            f"{response.status_code} {response.text[:300]}"
+        )
+    answer = unpack(response.content)
+    return {
+        "id": answer["id"],
+        "status": response.status_code,
+        "ms": round(elapsed * 1000, 1),
+        "vocab_overlap": answer.get("vocab_overlap"),
+        "probe_one_to_one_share": answer.get("probe_one_to_one_share"),
+    }
+
+
+async def _run_student(
+    http: httpx.AsyncClient,
+    student: Student,
+    student_id: str,
+    args: argparse.Namespace,
+    deadline: float,
+    tally: Tally,
+) -> None:
+    """Score until the deadline or the request cap; the request in flight is finished."""
+    rng = random.Random(args.seed * 7919 + student.index)
+    cursor = rng.randrange(len(student.sequences))
+    while time.perf_counter() < deadline and tally.requests < args.max_requests:
+        batch = [
+            student.sequences[(cursor + i) % len(student.sequences)] for i in range(args.batch)
+        ]
+        cursor += args.batch
+        body = {"student_tokenizer": student_id, "top_k": args.top_k, "sequences": batch}
+        await _score_once(http, student, body, tally, rng, args.retries)
+
+
+async def _progress(tallies: list[Tally], started: float, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        total = Tally()
+        for tally in tallies:
+            total.merge(tally)
+        print(
+            f"[{time.perf_counter() - started:6.1f} s] requests {total.requests} "
+            f"answered {total.answered} refusals {total.refusals} lost {total.lost}",
+            file=sys.stderr,
+        )
+
+
+async def _drive(
+    url: str, students: list[Student], args: argparse.Namespace
+) -> tuple[list[Tally], list[dict[str, Any]], float, float]:
+    """Register every student, then run them all; (tallies, registrations, registration wall s,
+    load wall s)."""
+    timeout = httpx.Timeout(args.timeout, connect=5.0)
+    tallies = [Tally() for _ in students]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=timeout))
+            for _ in students
+        ]
+        started = time.perf_counter()
+        registrations = await asyncio.wait_for(
+            asyncio.gather(*(_register(h, s) for h, s in zip(clients, students, strict=True))),
+            args.registration_timeout,
+        )
+        registered = time.perf_counter()
+        print(f"registered {len(students)} students; load for {args.duration:g} s", file=sys.stderr)
+        deadline = registered + args.duration
+        tasks = [
+            asyncio.create_task(_run_student(h, s, r["id"], args, deadline, t))
+            for h, s, r, t in zip(clients, students, registrations, tallies, strict=True)
+        ]
+        progress = asyncio.create_task(_progress(tallies, registered, args.progress_every))
+        # The hard stop: the duration, then time for the requests in flight to finish.
+        per_attempt = args.timeout + max(args.retries.backoff_max_s, args.request_timeout_s)
+        hard_stop = args.duration + (args.retries.max_retries + 1) * per_attempt + 30
+        _, pending = await asyncio.wait(tasks, timeout=hard_stop)
+        finished = time.perf_counter()
+        for task in [*pending, progress]:
+            task.cancel()
+        await asyncio.gather(*pending, progress, return_exceptions=True)
+        for task, tally in zip(tasks, tallies, strict=True):
+            if task in pending:
+                tally.errors["cancelled_at_hard_stop"] += (
+                    tally.requests - tally.answered - tally.lost
+                )
+            elif task.exception() is not None:
+                raise RuntimeError("a student failed outside its requests") from task.exception()
+    return tallies, registrations, registered - started, finished - registered
+
+
+# -- the service --------------------------------------------------------------------------------
+
+
+def _server_counts(url: str) -> dict[str, int]:
+    """``tokenbridge_requests_total`` of ``/v1/score`` by status, from the service's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tokenbridge_requests_total" and sample.labels.get("route") == (
+                "/v1/score"
+            ):
+                counts[sample.labels["status"]] = int(sample.value)
+    return counts
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float | None]:
+    if not seconds:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    ms = np.asarray(seconds) * 1000
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 1),
+        "p90": round(float(p90), 1),
+        "p99": round(float(p99), 1),
+        "max": round(float(ms.max()), 1),
+        "mean": round(float(ms.mean()), 1),
+    }
+
+
+def _teacher(args: argparse.Namespace) -> Path:
+    if args.teacher is not None:
+        return Path(args.teacher)
+    spec = TinyModelSpec(
+        "gpt2", "gpt2", hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 64)
+    )
+    folder = args.cache_dir / "models" / f"bench-gpt2-h{args.hidden}-l{args.layers}"
+    return build_tiny_model(spec, folder, args.cache_dir)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (also used by the tests)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--students", type=int, default=8, help="concurrent simulated students")
+    add("--duration", type=float, default=60.0, help="seconds of load (requests in flight finish)")
+    add("--max-requests", type=int, default=1_000_000, help="most requests per student")
+    add("--tokenizers", nargs="+", default=list(FAMILIES), help="families, cycled over students")
+    add("--batch", type=int, default=4, help="sequences per score request")
+    add("--min-tokens", type=int, default=32, help="shortest completion (student tokens)")
+    add("--max-tokens", type=int, default=64, help="longest completion (student tokens)")
+    add("--top-k", type=int, default=TOP_K)
+    add("--pool", type=int, default=64, help="distinct sequences per student, cycled")
+    defaults = Retries()
+    add("--max-retries", type=int, default=defaults.max_retries, help="retries of a 429/503")
+    add("--backoff-base-s", type=float, default=defaults.backoff_base_s, help="first retry's cap")
+    add("--backoff-max-s", type=float, default=defaults.backoff_max_s, help="longest backoff")
+    add("--timeout", type=float, default=120.0, help="seconds to wait for one answer")
+    add("--registration-timeout", type=float, default=600.0, help="seconds to register everyone")
+    add("--seed", type=int, default=0)
+    add("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    # the service
+    add("--teacher", type=Path, default=None, help="teacher folder (default: a tiny GPT-2)")
+    add("--hidden", type=int, default=256, help="tiny teacher's hidden size")
+    add("--layers", type=int, default=4, help="tiny teacher's layers")
+    add(
+        "--max-tokens-in-flight", type=int, default=262144,
+        help="service admission limit in teacher tokens; small (1000: about one request of the "
+        "default shape at a time) provokes 429s, but keep it above the largest request "
+        "(teacher_tokens_per_request.max in the result) or that request is refused with 413",
+    )  # fmt: skip
+    add(
+        "--max-request-tokens", type=int, default=None, help="default: the in-flight limit, <=65536"
+    )
+    add(
+        "--admission-wait-s", type=float, default=5.0,
+        help="service: longest wait in line for admission before a 429 (0: refuse at once)",
+    )  # fmt: skip
+    add("--admission-queue", type=int, default=256, help="service: most requests in line")
+    add("--batch-max-tokens", type=int, default=8192, help="service batcher: tokens per forward")
+    add("--batch-wait-s", type=float, default=0.005, help="service batcher: longest wait")
+    add("--request-timeout-s", type=float, default=120.0, help="service deadline (504)")
+    add("--service-threads", type=int, default=None, help="OMP threads of the service process")
+    add(
+        "--data-dir", type=Path, default=None,
+        help="service data dir: registrations and mapping tables (default: "
+        "<cache>/bench-load-data, kept, so only the first run builds the tables)",
+    )  # fmt: skip
+    add(
+        "--cache-dir", type=Path,
+        default=Path(os.environ.get("TOKENBRIDGE_CACHE", REPO_ROOT / ".cache")),
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.students < 1 or args.batch < 1 or args.duration <= 0 or args.max_requests < 1:
+        parser.error("--students, --batch and --max-requests must be positive, --duration too")
+    if args.max_retries < 0 or args.backoff_base_s < 0 or args.backoff_max_s < 0:
+        parser.error("--max-retries and the backoff times must not be negative")
+    if not 1 <= args.min_tokens <= args.max_tokens:
+        parser.error("need 1 <= --min-tokens <= --max-tokens")
+    args.retries = Retries(args.max_retries, args.backoff_base_s, args.backoff_max_s)
+    if args.max_request_tokens is None:
+        args.max_request_tokens = min(65536, args.max_tokens_in_flight)
+    return args
+
+
+def _serve_args(args: argparse.Namespace, teacher: Path, data_dir: Path) -> list[str]:
+    flags = {
+        "--teacher": teacher, "--host": LOOPBACK, "--data-dir": data_dir,
+        "--max-tokens-in-flight": args.max_tokens_in_flight,
+        "--max-request-tokens": args.max_request_tokens,
+        "--admission-wait-s": args.admission_wait_s, "--admission-queue": args.admission_queue,
+        "--batch-max-tokens": args.batch_max_tokens, "--batch-wait-s": args.batch_wait_s,
+        "--request-timeout-s": args.request_timeout_s, "--log-level": "warning",
+    }  # fmt: skip
+    return [str(x) for pair in flags.items() for x in pair]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the service, run the students, print the JSON result last; 1 if anything was lost."""
+    args = parse_args(argv)
+    teacher = _teacher(args)
+    work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    data_dir = args.data_dir or args.cache_dir / "bench-load-data"
+    env = {"TOKENBRIDGE_CACHE": str(args.cache_dir)}
+    if args.service_threads:
+        env["OMP_NUM_THREADS"] = str(args.service_threads)
+    serve = _serve_args(args, teacher, data_dir)
+    print(f"starting the service; encoding {args.students} students' sequences", file=sys.stderr)
+    with ThreadPoolExecutor(1) as pool:  # encode while the service loads
+        encoding = pool.submit(_students, args)
+        served = serve_process(serve, work, env=env, timeout=300, cwd=REPO_ROOT)
+        with served as (url, _, log_path):
+            assert url.startswith(f"http://{LOOPBACK}:"), url
+            students = encoding.result()
+            print(f"service ready at {url} (log {log_path})", file=sys.stderr)
+            info = unpack(httpx.get(url + "/v1/info", headers=HEADERS, timeout=10).content)
+            tallies, registrations, registration_s, load_s = asyncio.run(
+                _drive(url, students, args)
+            )
+            server = _server_counts(url)
+    total = Tally()
+    for tally in tallies:
+        total.merge(tally)
+    server_errors = sum(n for s, n in total.statuses.items() if int(s) >= 500 and s != "503")
+    refusals = {s: n for s, n in total.statuses.items() if s in ("429", "503")}
+    result = {
+        "benchmark": "load",
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        },
+        "teacher": {
+            "path": str(teacher),
+            **{
+                k: info["teacher"][k] for k in ("model", "backend", "dtype", "device", "vocab_size")
+            },
+        },
+        "service": {
+            "url": url,
+            **info["limits"],
+            "max_top_k": info["max_top_k"],
+            "batch_max_tokens": args.batch_max_tokens,
+            "batch_wait_s": args.batch_wait_s,
+        },
+        "students": len(students),
+        "tokenizers": list(dict.fromkeys(s.family for s in students)),
+        "student_tokenizers": [s.family for s in students],
+        "batch": args.batch,
+        "completion_tokens": [args.min_tokens, args.max_tokens],
+        "top_k": args.top_k,
+        "retries": asdict(args.retries),
+        "requested_duration_s": args.duration,
+        "duration_s": round(load_s, 2),
+        "registration_s": round(registration_s, 2),
+        "registrations": registrations,
+        "requests": total.requests,
+        "answered": total.answered,
+        "refused_retried": total.refused_retried,
+        "attempts": total.attempts,
+        "statuses": dict(sorted(total.statuses.items())),
+        "refusals": refusals,
+        "retry_wait_s": round(total.retry_wait_s, 2),
+        "refusals_without_retry_after": total.missing_retry_after,
+        "retry_after_s": {
+            "p50": float(np.median(total.retry_after_s)) if total.retry_after_s else None,
+            "max": max(total.retry_after_s, default=None),
+        },
+        "errors": dict(sorted(total.errors.items())),
+        "lost": total.lost,
+        "server_errors": server_errors,
+        "server": {"score_requests_by_status": dict(sorted(server.items()))},
+        "accounting_matches": server == dict(total.statuses),
+        "latency_ms": _percentiles(total.latency_s),
+        "attempt_latency_ms": _percentiles(total.attempt_latency_s),
+        "refusal_latency_ms": _percentiles(total.refusal_latency_s),
+        "sequences": total.sequences,
+        "positions": total.positions,
+        "unscored_positions": total.unscored_positions,
+        "positions_per_s": round(total.positions / load_s, 1) if load_s > 0 else None,
+        "teacher_tokens": total.teacher_tokens,
+        "teacher_tokens_per_s": round(total.teacher_tokens / load_s, 1) if load_s > 0 else None,
+        "teacher_tokens_per_request": {
+            "mean": round(float(np.mean(total.request_teacher_tokens)), 1)
+            if total.request_teacher_tokens
+            else None,
+            "max": max(total.request_teacher_tokens, default=None),
+        },
+        "requests_per_s": round(total.answered / load_s, 2) if load_s > 0 else None,
+        # Mean seconds per answered request in each stage, as the service timed them.
+        "service_stage_s": {
+            k: round(v / total.answered, 4) for k, v in sorted(total.stage_s.items())
+        }
+        if total.answered
+        else {},
+        "per_student": [
+            {
+                "family": s.family,
+                "play": s.play,
+                "requests": t.requests,
+                "answered": t.answered,
+                "refusals": t.refusals,
+                "lost": t.lost,
+                "latency_p50_ms": _percentiles(t.latency_s)["p50"],
+            }
+            for s, t in zip(students, tallies, strict=True)
+        ],
+        "targets": TARGETS,
+    }
+    print(json.dumps(result))
+    failed = bool(total.lost or server_errors)
+    if not failed:  # keep the service's log when something went wrong
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
