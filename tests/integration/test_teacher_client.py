@@ -282,14 +282,15 @@ def test_a_refused_student_tokenizer_fails_at_start(replica_a):
     async def go():
         async with TeacherClient(
             config(),
-            {"name": "gone", "path": "/no/such/folder"},  # a path on the service that is not there
+            # a folder name in the service's data dir that is not there
+            {"name": "gone", "path": "no/such/folder"},
             transports=httpx.ASGITransport(app=replica_a.app),
         ):
             pass
 
     with pytest.raises(TeacherConfigError, match="refused the student tokenizer 'gone'") as caught:
         replica_a.loop.run(go())
-    assert "does not exist" in str(caught.value)
+    assert "not a folder on the service" in str(caught.value)
     assert isinstance(caught.value.__cause__, TeacherRequestError)
     assert caught.value.__cause__.status == 422
 

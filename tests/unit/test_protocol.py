@@ -187,8 +187,9 @@ def test_a_valid_generate_request_and_its_defaults():
     request = GenerateRequest(
         prompts=[{"text": "a"}, {"messages": [{"role": "u", "content": "b"}]}]
     )
+    # max_tokens left out: the service picks min(128, its max_generate_tokens).
     assert (request.max_tokens, request.temperature, request.top_p, request.seed) == (
-        128,
+        None,
         1.0,
         1.0,
         None,
