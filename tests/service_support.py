@@ -121,12 +121,15 @@ class AppHarness:
 
 @contextlib.contextmanager
 def running_app(
-    config: ServiceConfig, engine: Any = None, loop: LoopThread | None = None
+    config: ServiceConfig,
+    engine: Any = None,
+    loop: LoopThread | None = None,
+    tokenizer_loader: Callable[[str], Any] = offline_loader,
 ) -> Iterator[AppHarness]:
     """Build, start and finally stop an app for ``config``."""
     own_loop = loop is None
     loop = loop or LoopThread()
-    app = create_app(config, engine=engine, tokenizer_loader=offline_loader)
+    app = create_app(config, engine=engine, tokenizer_loader=tokenizer_loader)
     harness = AppHarness(loop, app)
     loop.run(harness._start())
     try:

@@ -22,12 +22,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from tokenbridge.hub import OFFLINE_TOKENIZERS, load_tokenizer
-from tokenbridge.service.app import create_app
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.shared.codec import ALLOWED_DTYPES, unpack
 
 from conftest import CACHE_DIR
-from service_support import AppHarness, LoopThread, config_for
+from service_support import AppHarness, LoopThread, config_for, running_app
 
 API_KEY = "fuzz-key-0123456789"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -152,13 +151,8 @@ def started_app(
     config: ServiceConfig, loop: LoopThread, loader: OfflineOnlyLoader | None = None
 ) -> Iterator[AppHarness]:
     """``config``'s app, started on ``loop`` with an offline-only hub loader, stopped after."""
-    app = create_app(config, tokenizer_loader=loader or OfflineOnlyLoader())
-    harness = AppHarness(loop, app)
-    loop.run(harness._start())
-    try:
+    with running_app(config, loop=loop, tokenizer_loader=loader or OfflineOnlyLoader()) as harness:
         yield harness
-    finally:
-        loop.run(harness._stop())
 
 
 def fuzz_config(teacher: Path, data_dir: Path, **overrides: Any) -> ServiceConfig:
