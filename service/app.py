@@ -229,8 +229,9 @@ class _Observe:
             elapsed = time.perf_counter() - started
             route = _route_label(scope["path"])
             caller = scope["state"].get("key_id")
+            teacher = scope["state"].get("teacher", "")
             metrics = self.service.metrics
-            metrics.requests.labels(route, str(status)).inc()
+            metrics.requests.labels(route, str(status), teacher).inc()
             metrics.latency.labels(route).observe(elapsed)
             logger.info(
                 "request",
@@ -238,6 +239,7 @@ class _Observe:
                     "request_id": request_id, "method": scope["method"], "route": route,
                     "status": status, "duration_ms": round(elapsed * 1000, 2),
                     **({"key_id": caller} if caller else {}),
+                    **({"teacher": teacher} if teacher else {}),
                 },
             )  # fmt: skip
 
@@ -273,21 +275,45 @@ async def _until_disconnect(request: Request, work: Awaitable[T], timeout_s: flo
             task.cancel()
 
 
+def _engines(
+    config: ServiceConfig,
+    engine: TeacherEngine | None,
+    engines: dict[str, TeacherEngine] | None,
+) -> dict[str, TeacherEngine]:
+    """Every teacher's engine: those given, the others built from their configs."""
+    from tokenbridge.service.config import DEFAULT_TEACHER
+
+    given = dict(engines or {})
+    own = config.teacher_configs()
+    if engine is not None:
+        if len(own) > 1:
+            raise ValueError("engine= serves a single teacher; pass engines= by name instead")
+        given[next(iter(own), DEFAULT_TEACHER)] = engine
+    unknown = sorted(set(given) - set(own) - ({DEFAULT_TEACHER} if not own else set()))
+    if unknown:
+        raise ValueError(f"engines {unknown} are no teachers of the config ({sorted(own)})")
+    if not given and not own:
+        raise ValueError(
+            "no teacher given: pass --teacher PATH_OR_HUB (or teacher = ... in the config)"
+        )
+    from tokenbridge.service.engines import build_engine
+
+    return {name: given.get(name) or build_engine(own[name]) for name in own or given}
+
+
 def create_app(
     config: ServiceConfig,
     engine: TeacherEngine | None = None,
     tokenizer_loader: Callable[[str], Any] | None = None,
+    engines: dict[str, TeacherEngine] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``config.teacher`` (or ``engine``, when given, e.g. in tests).
+    """The FastAPI app serving ``config``'s teachers. Tests may pass engines: ``engine`` for a
+    single teacher, ``engines`` by teacher name (the others are built from the config).
 
-    The engine starts in the app's lifespan and stops (after draining) when the server shuts
+    The engines start in the app's lifespan and stop (after draining) when the server shuts
     down; readiness is 503 before and after.
     """
-    if engine is None:
-        from tokenbridge.service.engines import build_engine
-
-        engine = build_engine(config)
-    service = TeacherService(config, engine, tokenizer_loader)
+    service = TeacherService(config, _engines(config, engine, engines), tokenizer_loader)
     key_hashes = config.accepted_key_hashes
     quota_table = config.key_quota_table()
     quotas = KeyQuotas(quota_table, config.key_max_requests_in_flight)
@@ -345,7 +371,7 @@ def create_app(
         if isinstance(error, QuotaExceededError):
             service.metrics.quota_refusals.labels(request.scope["state"].get("key_id", "")).inc()
         elif error.status == 429:
-            service.metrics.rejected.inc()
+            service.metrics.rejected.labels(request.scope["state"].get("teacher", "")).inc()
         return Response(
             pack(body, encoding), status_code=error.status, media_type=encoding,
             headers=error.headers,
@@ -380,16 +406,29 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> Response:
         """Liveness (no key needed): 200 while the process can serve or get back to serving
-        (an engine restart included); 503 once the service gave up on its engine."""
+        (an engine restart included); 503 once the service gave up on every teacher."""
         if service.state == "failed":
             return JSONResponse({"status": "failed", "state": "failed"}, status_code=503)
         return JSONResponse({"status": "alive", "state": service.state})
 
     async def readyz(request: Request) -> Response:
-        """Readiness: 200 when the service accepts work, 503 while loading, draining or failed."""
-        ready, state = service.readiness()
+        """Readiness: 200 while some teacher accepts work (``?teacher=NAME``: that teacher),
+        503 while none does (loading, restarting, draining, failed). The body gives every
+        teacher's state and names the unready ones."""
+        teachers = service.teacher_readiness()
+        asked = request.query_params.get("teacher")
+        if asked is not None:
+            ready, state = service.teacher(asked).readiness()
+        else:
+            ready, state = service.readiness()
+        body = {
+            "ready": ready,
+            "state": state,
+            "teachers": {name: {"ready": r, "state": st} for name, (r, st) in teachers.items()},
+            "unready": [name for name, (r, _) in teachers.items() if not r],
+        }
         return JSONResponse(
-            {"ready": ready, "state": state}, status_code=200 if ready else 503,
+            body, status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "2"},
         )  # fmt: skip
 
@@ -419,7 +458,8 @@ def create_app(
         body = await _parse(request, RegisterTokenizerRequest)
         with quotas.hold(request.state.key_hash):
             entry, created = await service.register(body)
-        return _respond(request, {**entry.describe(), "created": created}, 201 if created else 200)
+        described = await asyncio.to_thread(service.describe_student, entry)
+        return _respond(request, {**described, "created": created}, 201 if created else 200)
 
     async def list_tokenizers(request: Request) -> Response:
         """Every registered student tokenizer."""
@@ -428,39 +468,50 @@ def create_app(
     async def get_tokenizer(request: Request) -> Response:
         """One registration with its vocabulary overlap and 1:1 share on a probe text."""
         entry = service.registry.get(request.path_params["student_id"])
-        return _respond(request, entry.describe())
+        return _respond(request, await asyncio.to_thread(service.describe_student, entry))
 
     async def delete_tokenizer(request: Request) -> Response:
         """Remove a registration."""
         entry = await asyncio.to_thread(service.registry.delete, request.path_params["student_id"])
         return _respond(request, {"id": entry.id, "deleted": True})
 
-    def charge(key_hash: str | None, tokens: int) -> None:
+    def charge(key_hash: str | None, tokens: int, teacher: str) -> None:
         quotas.charge(key_hash, tokens)
         if key_hash is not None:
-            service.metrics.key_teacher_tokens.labels(key_id(key_hash)).inc(tokens)
+            service.metrics.key_teacher_tokens.labels(key_id(key_hash), teacher).inc(tokens)
+
+    def route_to_teacher(request: Request, name: str | None) -> str:
+        """The name of the teacher a request asks for (404 for an unknown one), noted for the
+        request's metrics and log line."""
+        teacher = service.teacher(name).name
+        request.scope["state"]["teacher"] = teacher
+        return teacher
 
     async def score(request: Request) -> Response:
         """Teacher log-probs and sparse distributions over the student's vocabulary."""
         body = await _parse(request, ScoreRequest)
+        teacher = route_to_teacher(request, body.teacher)
         key_hash = request.state.key_hash
         with quotas.hold(key_hash):
             result = await _until_disconnect(request, service.score(body), config.request_timeout_s)
-        charge(key_hash, result["usage"]["teacher_tokens"])
+        charge(key_hash, result["usage"]["teacher_tokens"], teacher)
         encode_started = time.perf_counter()
         response = _respond(request, result)
-        service.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - encode_started)
+        service.metrics.stage_seconds.labels("encode", teacher).observe(
+            time.perf_counter() - encode_started
+        )
         return response
 
     async def generate(request: Request) -> Response:
         """Teacher samples for prompts (the SFT baseline's data)."""
         body = await _parse(request, GenerateRequest)
+        teacher = route_to_teacher(request, body.teacher)
         key_hash = request.state.key_hash
         with quotas.hold(key_hash):
             result = await _until_disconnect(
                 request, service.generate(body), config.request_timeout_s
             )
-        charge(key_hash, result["usage"]["teacher_tokens"])
+        charge(key_hash, result["usage"]["teacher_tokens"], teacher)
         return _respond(request, result)
 
     routes: list[tuple[str, str, Callable[[Request], Awaitable[Response]]]] = [
@@ -482,12 +533,14 @@ def create_app(
             response_class=Response,
             openapi_extra=openapi.operation(method, path),
         )
+    own = [t.config for t in service.teachers.values()]
     openapi.install(
         app,
         {
-            "max_top_k": config.max_top_k,
+            # Bodies are checked against the teacher they name: the schema takes the largest.
+            "max_top_k": max(c.max_top_k for c in own),
             "max_sequences": config.max_sequences,
-            "max_generate_tokens": config.max_generate_tokens,
+            "max_generate_tokens": max(c.max_generate_tokens for c in own),
         },
     )
 

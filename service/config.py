@@ -2,22 +2,47 @@
 
 ``tokenbridge serve`` generates its flags from ``ServiceConfig``; a TOML file (``--config``) gives
 the same keys. Environment variables are read only by the command-line entry point.
+
+One service may host several teachers. Each is named: ``--teacher NAME=PATH_OR_HUB`` (repeated; a
+bare ``--teacher PATH_OR_HUB`` names it ``default``) or a ``[[teachers]]`` table of the TOML file.
+The engine, device and limit fields below (``TEACHER_KEYS``) are every teacher's defaults; a
+teacher overrides them with ``--teacher-option NAME.KEY=VALUE`` or keys of its table.
+``teacher_configs()`` gives each teacher's own resolved ``ServiceConfig``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tokenbridge.configargs import load_toml
 
-__all__ = ["BACKENDS", "ServiceConfig", "hash_api_key", "load_config_file"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_TEACHER",
+    "TEACHER_KEYS",
+    "TEACHER_NAME",
+    "ServiceConfig",
+    "hash_api_key",
+    "load_config_file",
+]
 
 BACKENDS = ("transformers", "vllm")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: What a teacher's name may look like (it appears in URLs' queries, metrics labels and logs).
+TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The name of a teacher given without one (``--teacher PATH``).
+DEFAULT_TEACHER = "default"
+#: Fields each teacher may set for itself; the service-wide values are their defaults.
+TEACHER_KEYS = (
+    "backend", "device", "devices", "dtype", "max_model_len", "max_top_k", "max_request_tokens",
+    "max_tokens_in_flight", "admission_wait_s", "admission_queue", "max_generate_tokens",
+    "batch_wait_s", "batch_max_tokens", "tensor_parallel_size", "pipeline_parallel_size",
+    "gpu_memory_utilization", "engine_restarts", "engine_restart_backoff_s",
+)  # fmt: skip
 
 
 def hash_api_key(key: str) -> str:
@@ -29,8 +54,35 @@ def hash_api_key(key: str) -> str:
 class ServiceConfig:
     """Everything ``tokenbridge serve`` needs. Limits are per request unless said otherwise."""
 
-    teacher: str = field(
-        default="", metadata={"help": "teacher model: a local folder or a hub name"}
+    teacher: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "teacher model as NAME=PATH_OR_HUB, repeated for several teachers (a bare "
+            f"PATH_OR_HUB names the teacher {DEFAULT_TEACHER!r})"
+        },
+    )
+    teacher_options: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "one teacher's own setting as NAME.KEY=VALUE, repeated (KEY: "
+            + ", ".join(TEACHER_KEYS)
+            + "; devices as 0,1); the other flags are every teacher's defaults"
+        },
+    )
+    teachers: tuple[dict[str, Any], ...] = field(
+        default=(),
+        metadata={
+            "cli": False,
+            "help": "[[teachers]] tables of the TOML file: name, model and any of TEACHER_KEYS",
+        },
+    )
+    default_teacher: str = field(
+        default="",
+        metadata={
+            "help": "the teacher of requests that name none (default: the one named "
+            f"{DEFAULT_TEACHER!r}, else the only one; with several and none of these, requests "
+            "must name theirs)"
+        },
     )
     backend: str = field(default="transformers", metadata={"help": "engine: transformers | vllm"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
@@ -40,6 +92,14 @@ class ServiceConfig:
         metadata={"help": "registered student tokenizers and mapping tables live here"},
     )
     device: str = field(default="cpu", metadata={"help": "transformers engine device"})
+    devices: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "GPU indices the teacher runs on (its engine sees only these: "
+            "CUDA_VISIBLE_DEVICES); vLLM needs tensor x pipeline parallel size of them, "
+            "transformers one (none: leave the devices as the process found them)"
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": "teacher weights dtype"})
     max_top_k: int = field(default=64, metadata={"help": "largest top_k a request may ask"})
     max_model_len: int = field(
@@ -123,6 +183,14 @@ class ServiceConfig:
     )
 
     def __post_init__(self) -> None:
+        # A single model given as a string (``ServiceConfig(teacher="path")``, ``teacher = "..."``
+        # in TOML) is the one teacher named ``default``.
+        if isinstance(self.teacher, str):
+            object.__setattr__(self, "teacher", (self.teacher,) if self.teacher else ())
+        object.__setattr__(self, "teacher", tuple(self.teacher))
+        object.__setattr__(self, "teacher_options", tuple(self.teacher_options))
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        object.__setattr__(self, "devices", tuple(self.devices))
         problems: list[str] = []
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {BACKENDS}; got {self.backend!r}")
@@ -177,11 +245,152 @@ class ServiceConfig:
                 f"engine_restart_backoff_s must lie in [0, 3600] seconds; got "
                 f"{self.engine_restart_backoff_s}"
             )
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in self.devices):
+            problems.append(f"devices must be GPU indices (integers >= 0); got {self.devices}")
+        elif len(set(self.devices)) != len(self.devices):
+            problems.append(f"devices lists a GPU twice: {self.devices}")
+        elif self.devices and self.backend == "transformers" and len(self.devices) != 1:
+            problems.append(
+                f"the transformers engine runs on one device; devices {self.devices} names "
+                f"{len(self.devices)} (give one, or use backend vllm for parallelism)"
+            )
+        elif self.devices and self.backend == "vllm":
+            world = self.tensor_parallel_size * self.pipeline_parallel_size
+            if len(self.devices) != world:
+                problems.append(
+                    f"vLLM with tensor_parallel_size {self.tensor_parallel_size} x "
+                    f"pipeline_parallel_size {self.pipeline_parallel_size} needs {world} GPUs; "
+                    f"devices names {len(self.devices)}: {self.devices}"
+                )
         if problems:
             raise ValueError("; ".join(problems))
+        try:
+            object.__setattr__(self, "_teacher_configs", self._resolve_teachers())
+        except ValueError as error:
+            raise ValueError(str(error)) from None
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "tokenizer_dirs", tuple(Path(d) for d in self.tokenizer_dirs))
         object.__setattr__(self, "api_key_hashes", tuple(h.lower() for h in self.api_key_hashes))
+
+    # -- teachers --------------------------------------------------------------------------------
+
+    def teacher_configs(self) -> dict[str, ServiceConfig]:
+        """Every teacher's own configuration, by name, in the order they were given: this config
+        with the teacher's settings applied and that teacher alone in ``teacher``."""
+        configs: dict[str, ServiceConfig] = getattr(self, "_teacher_configs", {})
+        return dict(configs)
+
+    @property
+    def teacher_names(self) -> tuple[str, ...]:
+        """The teachers' names, in the order they were given."""
+        return tuple(self.teacher_configs())
+
+    @property
+    def default_teacher_name(self) -> str | None:
+        """The teacher of requests that name none, or ``None`` when they must name one."""
+        names = self.teacher_names
+        if self.default_teacher:
+            return self.default_teacher
+        if DEFAULT_TEACHER in names:
+            return DEFAULT_TEACHER
+        return names[0] if len(names) == 1 else None
+
+    @property
+    def teacher_model(self) -> str:
+        """The model (path or hub name) of a config that holds exactly one teacher."""
+        configs = self.teacher_configs()
+        if len(configs) != 1:
+            raise ValueError(
+                f"this config holds {len(configs)} teachers; teacher_configs() gives each its own"
+            )
+        _, _, model = _split_teacher(self.teacher[0]) if self.teacher else ("", "", "")
+        if not model:
+            model = str(self.teachers[0]["model"])
+        return model
+
+    def _resolve_teachers(self) -> dict[str, ServiceConfig]:
+        """Each teacher's config, checked: names, options, and GPUs shared beyond their memory."""
+        specs: dict[str, dict[str, Any]] = {}
+        problems: list[str] = []
+
+        def add(name: str, model: str, settings: dict[str, Any], origin: str) -> None:
+            if not TEACHER_NAME.fullmatch(name):
+                problems.append(
+                    f"{origin}: teacher name {name!r} must be 1-64 letters, digits, '.', '_' or "
+                    "'-', starting with a letter or digit"
+                )
+            elif name in specs:
+                problems.append(f"{origin}: teacher {name!r} is given twice")
+            elif not model:
+                problems.append(f"{origin}: teacher {name!r} needs a model (a path or hub name)")
+            else:
+                specs[name] = {"model": model, **settings}
+
+        for entry in self.teacher:
+            name, _, model = _split_teacher(entry)
+            add(name, model, {}, f"--teacher {entry!r}")
+        for index, table in enumerate(self.teachers):
+            origin = f"teachers[{index}]"
+            if not isinstance(table, dict):
+                problems.append(f"{origin} must be a table (name, model, settings)")
+                continue
+            unknown = sorted(set(table) - {"name", "model", *TEACHER_KEYS})
+            if unknown:
+                problems.append(
+                    f"{origin} has unknown keys {unknown}; a teacher takes name, model and "
+                    f"{', '.join(TEACHER_KEYS)}"
+                )
+                continue
+            settings = {k: v for k, v in table.items() if k not in ("name", "model")}
+            add(str(table.get("name", "")), str(table.get("model", "")), settings, origin)
+        for option in self.teacher_options:
+            target, equals, value = option.partition("=")
+            name, dot, key = target.strip().partition(".")
+            if not dot or not equals or key not in TEACHER_KEYS:
+                problems.append(
+                    f"--teacher-option {option!r}: write NAME.KEY=VALUE with KEY one of "
+                    f"{', '.join(TEACHER_KEYS)}"
+                )
+            elif name not in specs:
+                problems.append(
+                    f"--teacher-option {option!r}: no teacher {name!r} (teachers: "
+                    f"{sorted(specs) or 'none'})"
+                )
+            else:
+                try:
+                    specs[name][key] = _option_value(key, value.strip())
+                except ValueError as error:
+                    problems.append(f"--teacher-option {option!r}: {error}")
+        if self.default_teacher and self.default_teacher not in specs:
+            problems.append(
+                f"default_teacher {self.default_teacher!r} is not a teacher (teachers: "
+                f"{sorted(specs) or 'none'})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        if len(specs) == 1 and not self.teachers and not self.teacher_options:
+            # Already a single teacher's config: it is its own.
+            return {next(iter(specs)): self}
+        configs: dict[str, ServiceConfig] = {}
+        for name, spec in specs.items():
+            model = spec.pop("model")
+            try:
+                configs[name] = replace(
+                    self,
+                    teacher=(f"{name}={model}",),
+                    teacher_options=(),
+                    teachers=(),
+                    default_teacher="",
+                    **spec,
+                )
+            except (TypeError, ValueError) as error:
+                problems.append(f"teacher {name!r}: {error}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        problems += _shared_gpu_problems(configs)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return configs
 
     @property
     def accepted_key_hashes(self) -> frozenset[str]:
@@ -208,6 +417,54 @@ class ServiceConfig:
                 )
             table[matches[0]] = int(value)
         return table
+
+
+def _split_teacher(entry: str) -> tuple[str, str, str]:
+    """``NAME=MODEL`` as (name, "=", model); a bare model (no ``=``, or text before it that is no
+    name, as in a path ``/models/a=b``) is the teacher named ``default``."""
+    name, sep, model = entry.partition("=")
+    if sep and TEACHER_NAME.fullmatch(name.strip()):
+        return name.strip(), sep, model.strip()
+    return DEFAULT_TEACHER, "=", entry.strip()
+
+
+def _option_value(key: str, text: str) -> Any:
+    """``--teacher-option`` text as the type of the ``ServiceConfig`` field ``key``."""
+    kind = {f.name: f.type for f in fields(ServiceConfig)}[key]
+    try:
+        if "tuple" in str(kind):
+            return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+        if kind in (int, "int"):
+            return int(text)
+        if kind in (float, "float"):
+            return float(text)
+    except ValueError:
+        raise ValueError(
+            f"{key} takes {'integers like 0,1' if 'tuple' in str(kind) else kind}; got {text!r}"
+        ) from None
+    return text
+
+
+def _shared_gpu_problems(configs: dict[str, ServiceConfig]) -> list[str]:
+    """GPUs that several teachers share must hold all of them: their vLLM memory shares may not
+    add up past the whole GPU."""
+    users: dict[int, list[str]] = {}
+    for name, config in configs.items():
+        for gpu in config.devices:
+            users.setdefault(gpu, []).append(name)
+    problems = []
+    for gpu, names in sorted(users.items()):
+        if len(names) < 2:
+            continue
+        share = sum(
+            configs[n].gpu_memory_utilization for n in names if configs[n].backend == "vllm"
+        )
+        if share > 1.0 + 1e-9:
+            problems.append(
+                f"GPU {gpu} is shared by teachers {names} whose gpu_memory_utilization adds up to "
+                f"{share:.2f} > 1: give each its own GPU or lower their shares"
+            )
+    return problems
 
 
 def load_config_file(path: Path | str) -> dict[str, Any]:

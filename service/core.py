@@ -1,15 +1,19 @@
-"""The teacher service itself, independent of HTTP: lifecycle, scoring, generation, registry.
+"""The teacher service itself, independent of HTTP: teachers, lifecycle, scoring, generation.
 
-``app`` wraps a ``TeacherService`` in routes; tests and benchmarks may drive it directly.
-States: ``starting`` → ``ready`` → ``draining`` → ``stopped``. Only ``ready`` accepts work (503
-otherwise).
+``app`` wraps a ``TeacherService`` in routes; tests and benchmarks may drive it directly. The
+service hosts one or more named ``Teacher``s, each with its own engine, admission limit, restart
+supervisor and metrics label, and one ``StudentRegistry`` they all share (pair tables per
+(teacher, student)). A request names its teacher or gets the default one.
 
-When the engine fails (it died or ran out of memory; noticed by a request, a readiness probe or a
-watchdog that looks every ``health_check_interval_s``) the service turns ``restarting``: it stops
-the engine and starts it again after ``engine_restart_backoff_s`` (doubling each time in a row),
-and is ``ready`` again once the engine is healthy. A request the engine serves resets the count;
-after ``engine_restarts`` restarts in a row without one, the service is ``failed`` for good and
-calls ``on_failed`` (``tokenbridge serve`` then exits non-zero, so that a supervisor restarts it).
+A teacher's states: ``starting`` → ``ready`` → ``draining`` → ``stopped``. Only ``ready`` accepts
+work (503 otherwise). When its engine fails (it died or ran out of memory; noticed by a request, a
+readiness probe or a watchdog that looks every ``health_check_interval_s``) the teacher turns
+``restarting``: it stops the engine and starts it again after ``engine_restart_backoff_s``
+(doubling each time in a row), and is ``ready`` again once the engine is healthy. A request the
+engine serves resets the count; after ``engine_restarts`` restarts in a row without one, the
+teacher is ``failed`` for good. Other teachers keep serving meanwhile. Once every teacher has
+failed the service calls ``on_failed`` (``tokenbridge serve`` then exits non-zero, so that a
+supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from tokenbridge.service.errors import (
     NotReadyError,
     PayloadTooLargeError,
     ServiceError,
+    UnknownTeacherError,
     UnprocessableError,
 )
 from tokenbridge.service.metrics import ServiceMetrics
-from tokenbridge.service.registry import StudentEntry, StudentRegistry
+from tokenbridge.service.registry import Pairing, StudentEntry, StudentRegistry
 from tokenbridge.service.scoring import (
     PreparedSequence,
     prepare,
@@ -52,7 +57,7 @@ from tokenbridge.shared.protocol import (
     ScoreRequest,
 )
 
-__all__ = ["TeacherService"]
+__all__ = ["Teacher", "TeacherService"]
 
 logger = logging.getLogger("tokenbridge.service")
 
@@ -62,28 +67,34 @@ T = TypeVar("T")
 _MAX_RESTART_BACKOFF_S = 60.0
 
 
-class TeacherService:
-    """One teacher engine, its student registry, admission control and metrics."""
+class Teacher:
+    """One named teacher: its engine, admission control, restart supervisor and metrics label."""
 
-    #: Seconds between the watchdog's looks at the engine's health while the service is ready.
+    #: Seconds between the watchdog's looks at the engine's health while the teacher is ready.
     health_check_interval_s = 0.5
 
     def __init__(
         self,
+        name: str,
         config: ServiceConfig,
         engine: TeacherEngine,
-        tokenizer_loader: Callable[[str], Any] | None = None,
+        registry: StudentRegistry,
+        metrics: ServiceMetrics,
     ) -> None:
+        self.name = name
         self.config = config
         self.engine = engine
-        self.metrics = ServiceMetrics()
+        self.registry = registry
+        self.metrics = metrics
         self.admission = Admission(
             config.max_tokens_in_flight, config.admission_wait_s, config.admission_queue
         )
-        self.metrics.admission_waiting.set_function(lambda: self.admission.waiting)
+        metrics.admission_waiting.labels(name).set_function(lambda: self.admission.waiting)
+        self._ready_gauge = metrics.ready.labels(name)
+        self._in_flight_gauge = metrics.tokens_in_flight.labels(name)
+        self._ready_gauge.set(0)
+        self._in_flight_gauge.set(0)
         self.state = "starting"
-        self._loader = tokenizer_loader
-        self._registry: StudentRegistry | None = None
         self._tasks_in_flight = 0
         #: Called once when the engine failed and its restarts are spent (``serve`` exits then).
         self.on_failed: Callable[[], None] | None = None
@@ -97,27 +108,20 @@ class TeacherService:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the engine, load the registry; then accept work."""
+        """Start the engine and pair the teacher with every registered student; then accept
+        work."""
         started = time.monotonic()
         await self.engine.start()
-        kwargs = {"loader": self._loader} if self._loader is not None else {}
-        registry = StudentRegistry(
-            self.config.data_dir,
-            self.engine.tokenizer,
-            self.config.probe_text,
-            tokenizer_dirs=self.config.tokenizer_dirs,
-            **kwargs,
-        )
-        loaded = await asyncio.to_thread(registry.load_all)
-        self._registry = registry
+        await asyncio.to_thread(self.registry.add_teacher, self.name, self.engine.tokenizer)
         self.state = "ready"
-        self.metrics.ready.set(1)
+        self._ready_gauge.set(1)
         logger.info(
-            "ready: teacher %s on %s, %d stored students, started in %.1f s",
-            self.engine.info.model, self.engine.info.backend, loaded, time.monotonic() - started,
+            "ready: teacher %s (%s) on %s %s, started in %.1f s",
+            self.name, self.engine.info.model, self.engine.info.backend, self.engine.info.device,
+            time.monotonic() - started,
         )  # fmt: skip
         self._watchdog = asyncio.get_running_loop().create_task(
-            self._watch(), name="engine-watchdog"
+            self._watch(), name=f"engine-watchdog-{self.name}"
         )
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -134,13 +138,13 @@ class TeacherService:
                 await asyncio.gather(task, return_exceptions=True)
         failed = self.state == "failed"
         self.state = "failed" if failed else "draining"
-        self.metrics.ready.set(0)
+        self._ready_gauge.set(0)
         deadline = time.monotonic() + drain_timeout_s
         while self._tasks_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.engine.stop()
         self.state = "failed" if failed else "stopped"
-        logger.info("stopped")
+        logger.info("teacher %s stopped", self.name)
 
     def readiness(self) -> tuple[bool, str]:
         """Whether work is accepted now, and the state's name (``restarting`` while a failed
@@ -158,21 +162,26 @@ class TeacherService:
             try:
                 self.readiness()
             except Exception:  # the watchdog must outlive a bad look at the engine
-                logger.exception("the engine health check failed")
+                logger.exception("the health check of teacher %s failed", self.name)
 
     def _engine_failed(self, reason: str) -> None:
         """Turn unready at once and start bringing the engine back (in a task of its own)."""
         if self.state != "ready":
             return
-        self.metrics.ready.set(0)
+        self._ready_gauge.set(0)
         if self._restarts_in_a_row >= self.config.engine_restarts:
             self.state = "failed"  # no restart left: final at once
             recovery = self._give_up(reason)
         else:
             self.state = "restarting"
-            logger.error("%s; readiness turns 503 while the service restarts it", reason)
+            logger.error(
+                "teacher %s: %s; it is unready (503) while the service restarts it",
+                self.name, reason,
+            )  # fmt: skip
             recovery = self._recover(reason)
-        self._recovery = asyncio.get_running_loop().create_task(recovery, name="engine-recovery")
+        self._recovery = asyncio.get_running_loop().create_task(
+            recovery, name=f"engine-recovery-{self.name}"
+        )
 
     async def _recover(self, reason: str) -> None:
         """Stop and start the engine, with backoff, until it is healthy or restarts are spent."""
@@ -185,10 +194,13 @@ class TeacherService:
             try:
                 await self.engine.stop()
             except Exception as error:
-                logger.warning("stopping the failed engine raised %r; starting it anyway", error)
+                logger.warning(
+                    "teacher %s: stopping the failed engine raised %r; starting it anyway",
+                    self.name, error,
+                )  # fmt: skip
             logger.warning(
-                "restarting the engine in %.1f s (restart %d of at most %d in a row)",
-                delay, attempt, limit,
+                "teacher %s: restarting the engine in %.1f s (restart %d of at most %d in a row)",
+                self.name, delay, attempt, limit,
             )  # fmt: skip
             await asyncio.sleep(delay)
             started = time.monotonic()
@@ -196,19 +208,19 @@ class TeacherService:
                 await self.engine.start()
             except Exception as error:
                 reason = f"restart {attempt} could not start the engine: {error!r}"
-                logger.error("%s", reason)
+                logger.error("teacher %s: %s", self.name, reason)
                 continue
             if not self.engine.healthy():
                 reason = f"restart {attempt} left the engine unhealthy"
-                logger.error("%s", reason)
+                logger.error("teacher %s: %s", self.name, reason)
                 continue
             self.engine_restarts += 1
-            self.metrics.engine_restarts.inc()
+            self.metrics.engine_restarts.labels(self.name).inc()
             self.state = "ready"
-            self.metrics.ready.set(1)
+            self._ready_gauge.set(1)
             logger.warning(
-                "the engine is back after restart %d (started in %.1f s); ready again",
-                attempt, time.monotonic() - started,
+                "teacher %s: the engine is back after restart %d (started in %.1f s); ready again",
+                self.name, attempt, time.monotonic() - started,
             )  # fmt: skip
             return
         await self._give_up(reason)
@@ -216,7 +228,7 @@ class TeacherService:
     async def _give_up(self, reason: str) -> None:
         """The engine is not coming back: ``failed`` for good, and tell whoever runs us."""
         self.state = "failed"
-        self.metrics.ready.set(0)
+        self._ready_gauge.set(0)
         limit = self.config.engine_restarts
         tried = (
             f"{limit} restart{'s' if limit != 1 else ''} in a row did not bring it back"
@@ -224,69 +236,69 @@ class TeacherService:
             else "engine restarts are off (engine_restarts = 0)"
         )
         logger.critical(
-            "the teacher engine failed and %s (last: %s); giving up: the service is failed for "
-            "good (readiness and liveness answer 503) and should be restarted",
-            tried, reason,
+            "the engine of teacher %s failed and %s (last: %s); giving up: the teacher is failed "
+            "for good (its readiness answers 503) until the service is restarted",
+            self.name, tried, reason,
         )  # fmt: skip
         with contextlib.suppress(Exception):
             await self.engine.stop()
         if self.on_failed is not None:
             self.on_failed()
 
-    def _require_ready(self) -> StudentRegistry:
+    def _require_ready(self) -> None:
         ready, state = self.readiness()
-        if not ready or self._registry is None:
-            raise NotReadyError(f"the service is {state}; retry shortly")
-        return self._registry
-
-    @property
-    def registry(self) -> StudentRegistry:
-        """The student registry (``NotReadyError`` before the service has started)."""
-        if self._registry is None:
-            raise NotReadyError("the service is starting; retry shortly")
-        return self._registry
+        if not ready:
+            raise NotReadyError(
+                f"teacher {self.name!r} is {state}"
+                + ("; the service must be restarted to bring it back" if state == "failed" else
+                   "; retry shortly")
+            )  # fmt: skip
 
     # -- description ---------------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
-        """``GET /v1/info``."""
-        engine = self.engine.info
+    @property
+    def max_top_k(self) -> int:
+        """The largest ``top_k`` this teacher answers."""
+        return min(self.config.max_top_k, self.engine.info.max_top_k)
+
+    def limits(self) -> dict[str, Any]:
+        """This teacher's limits (``/v1/info``'s ``limits``; the service-wide ones included)."""
         config = self.config
-        teacher_vocab = self._registry.teacher if self._registry is not None else None
         return {
-            "api_version": API_VERSION,
+            "max_model_len": self.engine.info.max_model_len,
+            "max_body_bytes": config.max_body_bytes,
+            "max_sequences": config.max_sequences,
+            "max_request_tokens": config.max_request_tokens,
+            "max_tokens_in_flight": config.max_tokens_in_flight,
+            "admission_wait_s": config.admission_wait_s,
+            "admission_queue": config.admission_queue,
+            "max_generate_tokens": config.max_generate_tokens,
+            "request_timeout_s": config.request_timeout_s,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The teacher as ``/v1/info`` describes it: model, engine, versions, vocabulary, state."""
+        engine = self.engine.info
+        vocab = self.registry.teacher_vocab(self.name)
+        return {
+            "name": self.name,
             "state": self.state,
-            "teacher": {
-                "model": engine.model,
-                "revision": engine.revision,
-                "backend": engine.backend,
-                "dtype": engine.dtype,
-                "device": engine.device,
-                "versions": engine.versions,
-                "vocab_size": engine.vocab_size,
-                "tokenizer_size": teacher_vocab.size if teacher_vocab is not None else None,
-                "vocab_hash": teacher_vocab.content_hash if teacher_vocab is not None else None,
-                "has_chat_template": bool(getattr(self.engine.tokenizer, "chat_template", None)),
-                "flops": _flops_info(engine.flop_model),
-            },
-            "max_top_k": min(config.max_top_k, engine.max_top_k),
-            "limits": {
-                "max_model_len": engine.max_model_len,
-                "max_body_bytes": config.max_body_bytes,
-                "max_sequences": config.max_sequences,
-                "max_request_tokens": config.max_request_tokens,
-                "max_tokens_in_flight": config.max_tokens_in_flight,
-                "admission_wait_s": config.admission_wait_s,
-                "admission_queue": config.admission_queue,
-                "max_generate_tokens": config.max_generate_tokens,
-                "request_timeout_s": config.request_timeout_s,
-            },
-            "logprobs": {
-                "temperature": 1.0,
-                "positions": "row j is about completion token j given the prompt and tokens < j",
-            },
-            "encodings": ["application/msgpack", "application/json"],
-            "students": len(self._registry) if self._registry is not None else 0,
+            "ready": self.state == "ready",
+            "model": engine.model,
+            "revision": engine.revision,
+            "backend": engine.backend,
+            "dtype": engine.dtype,
+            "device": engine.device,
+            "devices": list(self.config.devices),
+            "versions": engine.versions,
+            "vocab_size": engine.vocab_size,
+            "tokenizer_size": vocab.size if vocab is not None else None,
+            "vocab_hash": vocab.content_hash if vocab is not None else None,
+            "has_chat_template": bool(getattr(self.engine.tokenizer, "chat_template", None)),
+            "flops": _flops_info(engine.flop_model),
+            "max_top_k": self.max_top_k,
+            "limits": self.limits(),
+            "engine_restarts": self.engine_restarts,
         }
 
     def _teacher_flops(self, lengths: list[int]) -> int | None:
@@ -301,39 +313,33 @@ class TeacherService:
     def _teacher_stamp(self) -> dict[str, Any]:
         engine = self.engine.info
         return {
+            "name": self.name,
             "model": engine.model,
             "backend": engine.backend,
             "dtype": engine.dtype,
             "versions": engine.versions,
         }
 
-    # -- registry ------------------------------------------------------------------------------
-
-    async def register(self, request: RegisterTokenizerRequest) -> tuple[StudentEntry, bool]:
-        """Register a student tokenizer (tables are built off the event loop)."""
-        registry = self._require_ready()
-        return await asyncio.to_thread(registry.register, request)
-
     # -- scoring -------------------------------------------------------------------------------
 
     def _check_top_k(self, top_k: int) -> None:
-        limit = min(self.config.max_top_k, self.engine.info.max_top_k)
+        limit = self.max_top_k
         if top_k > limit:
             raise UnprocessableError(
-                f"top_k {top_k} is above this service's maximum {limit} (max_top_k in "
-                f"GET /v1/info); ask for top_k <= {limit}"
+                f"top_k {top_k} is above the maximum {limit} of teacher {self.name!r} (its "
+                f"max_top_k in GET /v1/info); ask for top_k <= {limit}"
             )
 
-    async def score(self, request: ScoreRequest) -> dict[str, Any]:
+    async def score(self, request: ScoreRequest, student: StudentEntry) -> dict[str, Any]:
         """``POST /v1/score``: the mapped teacher signals of every sequence, in request order."""
-        registry = self._require_ready()
+        self._require_ready()
         self._check_top_k(request.top_k)
         if len(request.sequences) > self.config.max_sequences:
             raise PayloadTooLargeError(
                 f"{len(request.sequences)} sequences in one request; max_sequences is "
                 f"{self.config.max_sequences}: split the batch"
             )
-        student = registry.get(request.student_tokenizer)
+        pairing = await asyncio.to_thread(self.registry.pairing, self.name, student)
         top_k = request.top_k
         self._tasks_in_flight += 1
         try:
@@ -342,7 +348,7 @@ class TeacherService:
             max_len = self.engine.info.max_model_len
             prepared = await asyncio.to_thread(
                 lambda: [
-                    prepare(s, student, teacher_tokenizer, top_k, max_len)
+                    prepare(s, student, pairing, teacher_tokenizer, top_k, max_len)
                     for s in request.sequences
                 ]
             )
@@ -355,26 +361,26 @@ class TeacherService:
             prepared_at = time.perf_counter()
             try:
                 async with self.admission.admit(tokens):
-                    self.metrics.tokens_in_flight.set(self.admission.in_flight)
+                    self._in_flight_gauge.set(self.admission.in_flight)
                     scored = await self._run_engine(prepared)
             finally:
-                self.metrics.tokens_in_flight.set(self.admission.in_flight)
+                self._in_flight_gauge.set(self.admission.in_flight)
             engine_done = time.perf_counter()
-            sequences = await asyncio.to_thread(self._map_all, prepared, scored, student, top_k)
+            sequences = await asyncio.to_thread(self._map_all, prepared, scored, pairing, top_k)
             mapped_at = time.perf_counter()
         finally:
             self._tasks_in_flight -= 1
         positions = sum(len(p.student_ids) for p in prepared)
         prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
-        self.metrics.scored_positions.inc(positions)
-        self.metrics.teacher_tokens.labels("prompt").inc(prompt_tokens)
-        self.metrics.teacher_tokens.labels("completion").inc(tokens - prompt_tokens)
+        self.metrics.scored_positions.labels(self.name).inc(positions)
+        self.metrics.teacher_tokens.labels("prompt", self.name).inc(prompt_tokens)
+        self.metrics.teacher_tokens.labels("completion", self.name).inc(tokens - prompt_tokens)
         for stage, seconds in (
             ("prepare", prepared_at - started),
             ("engine", engine_done - prepared_at),
             ("mapping", mapped_at - engine_done),
         ):
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
+            self.metrics.stage_seconds.labels(stage, self.name).observe(seconds)
         return {
             "top_k": top_k,
             "sequences": sequences,
@@ -410,7 +416,7 @@ class TeacherService:
             if not self.engine.healthy():
                 self._engine_failed(f"the engine failed serving a request: {error!r}")
                 raise EngineUnavailableError(
-                    "the teacher engine failed (out of memory or died); "
+                    f"the engine of teacher {self.name!r} failed (out of memory or died); "
                     + (
                         "the service gave up on it and must be restarted"
                         if self.state == "failed"
@@ -425,13 +431,13 @@ class TeacherService:
     def _map_all(
         prepared: list[PreparedSequence],
         scored: list[PositionScores | None],
-        student: StudentEntry,
+        pairing: Pairing,
         top_k: int,
     ) -> list[dict[str, Any]]:
         out = []
         for item, rows in zip(prepared, scored, strict=True):
             scores = teacher_scores(item, rows, top_k)
-            mapped = student.mapper.map(
+            mapped = pairing.mapper.map(
                 item.student_ids, item.view.ids, item.alignment, scores, top_k,
                 item.view.untiled_bytes,
             )  # fmt: skip
@@ -493,7 +499,7 @@ class TeacherService:
         # Each prompt plus its sample sits at positions 0 .. len-1 at the end of decoding: counted
         # like a scored sequence of the same tokens (prefill and decode cost the same per token).
         lengths = [len(p) + len(r.ids) for p, r in zip(prompts, results, strict=True)]
-        self.metrics.teacher_tokens.labels("generated").inc(completion_tokens)
+        self.metrics.teacher_tokens.labels("generated", self.name).inc(completion_tokens)
         return {
             "completions": [
                 {"text": r.text, "ids": r.ids, "finish_reason": r.finish_reason} for r in results
@@ -506,6 +512,220 @@ class TeacherService:
             },
             "teacher": self._teacher_stamp(),
         }
+
+
+class TeacherService:
+    """The service: named teachers, the student registry they share, metrics; routes requests.
+
+    ``engines`` maps each teacher of ``config`` to its (not yet started) engine. Requests name
+    their teacher (``teacher``) or get the default one (``config.default_teacher_name``).
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        engines: dict[str, TeacherEngine],
+        tokenizer_loader: Callable[[str], Any] | None = None,
+    ) -> None:
+        if not engines:
+            raise ValueError("a service needs at least one teacher")
+        self.config = config
+        self.metrics = ServiceMetrics()
+        kwargs = {"loader": tokenizer_loader} if tokenizer_loader is not None else {}
+        self.registry = StudentRegistry(
+            config.data_dir,
+            config.probe_text,
+            tokenizer_dirs=config.tokenizer_dirs,
+            **kwargs,
+        )
+        own = config.teacher_configs()
+        self.teachers = {
+            name: Teacher(name, own.get(name, config), engine, self.registry, self.metrics)
+            for name, engine in engines.items()
+        }
+        for teacher in self.teachers.values():
+            teacher.on_failed = self._teacher_failed
+        names = list(self.teachers)
+        self.default_teacher: str | None = (
+            config.default_teacher_name if config.default_teacher_name in self.teachers
+            else names[0] if len(names) == 1 else None
+        )  # fmt: skip
+        #: Called once every teacher has failed for good (``serve`` exits then).
+        self.on_failed: Callable[[], None] | None = None
+        self._started = False
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the stored registrations, then start every teacher at once; if one cannot
+        start, stop the others and raise (a service must not come up missing a teacher)."""
+        started = time.monotonic()
+        loaded = await asyncio.to_thread(self.registry.load_all)
+        results = await asyncio.gather(
+            *(teacher.start() for teacher in self.teachers.values()), return_exceptions=True
+        )
+        failures = [
+            (name, result)
+            for name, result in zip(self.teachers, results, strict=True)
+            if isinstance(result, BaseException)
+        ]
+        if failures:
+            await asyncio.gather(
+                *(t.stop(0) for t in self.teachers.values()), return_exceptions=True
+            )
+            for name, error in failures:
+                logger.critical("teacher %s did not start: %r", name, error)
+            name, error = failures[0]
+            raise RuntimeError(f"teacher {name!r} did not start: {error}") from error
+        self._started = True
+        logger.info(
+            "ready: %d teacher%s (%s), %d stored students, started in %.1f s",
+            len(self.teachers), "s" if len(self.teachers) != 1 else "",
+            ", ".join(self.teachers), loaded, time.monotonic() - started,
+        )  # fmt: skip
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new work, drain every teacher (bounded) and stop their engines."""
+        self._stopping = True
+        await asyncio.gather(*(t.stop(drain_timeout_s) for t in self.teachers.values()))
+        logger.info("stopped")
+
+    def _teacher_failed(self) -> None:
+        if all(t.state == "failed" for t in self.teachers.values()):
+            logger.critical("every teacher has failed; the service gives up")
+            if self.on_failed is not None:
+                self.on_failed()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether some teacher accepts work now, and the service's state: the teachers' common
+        state, or ``degraded`` while some serve and others do not."""
+        states = {name: teacher.readiness()[1] for name, teacher in self.teachers.items()}
+        return "ready" in states.values(), self._summary(states)
+
+    def teacher_readiness(self) -> dict[str, tuple[bool, str]]:
+        """Every teacher's readiness and state, by name."""
+        return {name: teacher.readiness() for name, teacher in self.teachers.items()}
+
+    @property
+    def state(self) -> str:
+        """The service's state (see ``readiness``), without looking at the engines again."""
+        return self._summary({name: t.state for name, t in self.teachers.items()})
+
+    @staticmethod
+    def _summary(states: dict[str, str]) -> str:
+        distinct = set(states.values())
+        if len(distinct) == 1:
+            return distinct.pop()
+        if "ready" in distinct:
+            return "degraded"
+        for state in ("restarting", "starting", "draining", "stopped"):
+            if state in distinct:
+                return state
+        return "failed"
+
+    @property
+    def engine_restarts(self) -> int:
+        """Restarts that brought an engine back, over every teacher."""
+        return sum(t.engine_restarts for t in self.teachers.values())
+
+    def teacher(self, name: str | None) -> Teacher:
+        """The teacher a request names (``None``: the default one); ``UnknownTeacherError``
+        (404) for a name this service does not host."""
+        if name is None:
+            if self.default_teacher is None:
+                raise UnprocessableError(
+                    "this service hosts several teachers and none is the default: name one with "
+                    f"'teacher' (one of {sorted(self.teachers)})"
+                )
+            name = self.default_teacher
+        found = self.teachers.get(name)
+        if found is None:
+            raise UnknownTeacherError(
+                f"no teacher {name[:64]!r} here; this service hosts {sorted(self.teachers)} "
+                "(GET /v1/info describes them)"
+            )
+        return found
+
+    # Single-teacher conveniences: the default (or only) teacher's engine and admission.
+
+    @property
+    def engine(self) -> TeacherEngine:
+        """The default teacher's engine."""
+        return self.teacher(None).engine
+
+    @property
+    def admission(self) -> Admission:
+        """The default teacher's admission control."""
+        return self.teacher(None).admission
+
+    # -- description ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """``GET /v1/info``: every teacher (``teachers``); the top-level ``teacher``,
+        ``max_top_k`` and ``limits`` are the default teacher's (``None`` without one)."""
+        teachers = [teacher.describe() for teacher in self.teachers.values()]
+        default = None if self.default_teacher is None else self.teachers[self.default_teacher]
+        config = self.config
+        service_limits = {
+            "max_body_bytes": config.max_body_bytes,
+            "max_sequences": config.max_sequences,
+            "request_timeout_s": config.request_timeout_s,
+        }
+        top: dict[str, Any] = {"teacher": None, "max_top_k": None, "limits": service_limits}
+        if default is not None:
+            described = next(t for t in teachers if t["name"] == default.name)
+            top = {
+                "teacher": {k: v for k, v in described.items() if k not in ("max_top_k", "limits")},
+                "max_top_k": described["max_top_k"],
+                "limits": dict(described["limits"]),
+            }
+        return {
+            "api_version": API_VERSION,
+            "state": self.state,
+            **top,
+            "default_teacher": self.default_teacher,
+            "teachers": teachers,
+            "logprobs": {
+                "temperature": 1.0,
+                "positions": "row j is about completion token j given the prompt and tokens < j",
+            },
+            "encodings": ["application/msgpack", "application/json"],
+            "students": len(self.registry),
+        }
+
+    # -- work ----------------------------------------------------------------------------------
+
+    def _require_started(self) -> None:
+        if not self._started or self._stopping:
+            state = "stopping" if self._stopping else "starting"
+            raise NotReadyError(f"the service is {state}; retry shortly")
+
+    async def register(self, request: RegisterTokenizerRequest) -> tuple[StudentEntry, bool]:
+        """Register a student tokenizer and pair it with every teacher (off the event loop)."""
+        self._require_started()
+        return await asyncio.to_thread(self.registry.register, request)
+
+    def describe_student(self, entry: StudentEntry) -> dict[str, Any]:
+        """A registration with how well it maps onto each teacher."""
+        pairings = self.registry.pairings(entry)
+        ordered = {name: pairings[name] for name in self.teachers if name in pairings}
+        return entry.describe(ordered, self.default_teacher)
+
+    async def score(self, request: ScoreRequest) -> dict[str, Any]:
+        """``POST /v1/score`` for the teacher the request names."""
+        teacher = self.teacher(request.teacher)
+        self._require_started()
+        student = self.registry.get(request.student_tokenizer)
+        return await teacher.score(request, student)
+
+    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        """``POST /v1/generate`` for the teacher the request names."""
+        teacher = self.teacher(request.teacher)
+        self._require_started()
+        return await teacher.generate(request)
 
 
 def _flops_info(model: FlopModel | None) -> dict[str, Any] | None:

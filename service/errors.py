@@ -19,6 +19,7 @@ __all__ = [
     "QuotaExceededError",
     "ServiceError",
     "UnauthorizedError",
+    "UnknownTeacherError",
     "UnprocessableError",
     "UnsupportedMediaTypeError",
 ]
@@ -71,6 +72,12 @@ class NotFoundError(ServiceError):
 
     status = 404
     code = "not_found"
+
+
+class UnknownTeacherError(NotFoundError):
+    """A request names a teacher this service does not host (the message lists those it does)."""
+
+    code = "unknown_teacher"
 
 
 class PayloadTooLargeError(ServiceError):

@@ -1,4 +1,8 @@
-"""Prometheus metrics of one service instance, on its own registry so apps never mix."""
+"""Prometheus metrics of one service instance, on its own registry so apps never mix.
+
+Everything one teacher does carries a ``teacher`` label (its name); requests carry the teacher
+they named (``""`` for routes that name none).
+"""
 
 from __future__ import annotations
 
@@ -17,20 +21,29 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "tokenbridge_requests", "Requests by route and status", ["route", "status"], registry=r
+            "tokenbridge_requests",
+            "Requests by route, status and teacher",
+            ["route", "status", "teacher"],
+            registry=r,
         )
         self.latency = Histogram(
             "tokenbridge_request_seconds", "Request latency", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.scored_positions = Counter(
-            "tokenbridge_scored_positions", "Student positions scored", registry=r
+            "tokenbridge_scored_positions", "Student positions scored", ["teacher"], registry=r
         )
         self.teacher_tokens = Counter(
-            "tokenbridge_teacher_tokens", "Teacher tokens read by the engine", ["kind"], registry=r
+            "tokenbridge_teacher_tokens",
+            "Teacher tokens read by the engine",
+            ["kind", "teacher"],
+            registry=r,
         )
         self.tokens_in_flight = Gauge(
-            "tokenbridge_tokens_in_flight", "Teacher tokens admitted and not finished", registry=r
+            "tokenbridge_tokens_in_flight",
+            "Teacher tokens admitted and not finished",
+            ["teacher"],
+            registry=r,
         )
         self.payload_bytes = Histogram(
             "tokenbridge_payload_bytes", "Body sizes", ["direction"],
@@ -38,10 +51,10 @@ class ServiceMetrics:
         )  # fmt: skip
         self.stage_seconds = Histogram(
             "tokenbridge_stage_seconds", "Time per stage of a score request (prepare, engine, "
-            "mapping, encode)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
+            "mapping, encode)", ["stage", "teacher"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.rejected = Counter(
-            "tokenbridge_rejected", "Requests refused by admission control", registry=r
+            "tokenbridge_rejected", "Requests refused by admission control", ["teacher"], registry=r
         )
         self.quota_refusals = Counter(
             "tokenbridge_quota_refusals",
@@ -51,14 +64,22 @@ class ServiceMetrics:
         )
         self.key_teacher_tokens = Counter(
             "tokenbridge_key_teacher_tokens",
-            "Teacher tokens used per API key",
-            ["key_id"],
+            "Teacher tokens used per API key and teacher",
+            ["key_id", "teacher"],
             registry=r,
         )
         self.engine_restarts = Counter(
-            "tokenbridge_engine_restarts", "Times a failed engine was restarted", registry=r
+            "tokenbridge_engine_restarts",
+            "Times a failed engine was restarted",
+            ["teacher"],
+            registry=r,
         )
         self.admission_waiting = Gauge(
-            "tokenbridge_admission_waiting", "Requests waiting in line for admission", registry=r
+            "tokenbridge_admission_waiting",
+            "Requests waiting in line for admission",
+            ["teacher"],
+            registry=r,
         )
-        self.ready = Gauge("tokenbridge_ready", "1 when the service accepts work", registry=r)
+        self.ready = Gauge(
+            "tokenbridge_ready", "1 when the teacher accepts work", ["teacher"], registry=r
+        )

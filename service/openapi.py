@@ -64,7 +64,10 @@ _NUMBER = {"type": "number"}
 _BOOLEAN = {"type": "boolean"}
 _MAP = {"type": "object"}
 
-_TEACHER_STAMP = _object({"model": _STRING, "backend": _STRING, "dtype": _STRING, "versions": _MAP})
+_TEACHER_STAMP = _object(
+    {"name": _STRING, "model": _STRING, "backend": _STRING, "dtype": _STRING, "versions": _MAP}
+)
+_NULLABLE_STRING = {"type": ["string", "null"]}
 _SUMMARY = {
     "id": _STRING,
     "name": _STRING,
@@ -73,26 +76,60 @@ _SUMMARY = {
     "vocab_hash": _STRING,
     "scheme": _STRING,
 }
+_PAIRING = _object(
+    {"vocab_overlap": _NUMBER, "probe_one_to_one_share": _NUMBER, "special_token_map": _MAP}
+)
 _DESCRIPTION = {
     **_SUMMARY,
     "roles": _MAP,
     "has_chat_template": _BOOLEAN,
-    "vocab_overlap": _NUMBER,
-    "probe_one_to_one_share": _NUMBER,
-    "special_token_map": _MAP,
+    "teachers": {
+        "type": "object",
+        "additionalProperties": _PAIRING,
+        "description": "how the student maps onto each teacher, by teacher name",
+    },
 }
+#: The default teacher's pairing figures, repeated at the top (absent without a default teacher).
+_DEFAULT_PAIRING = _PAIRING["properties"]
+_TEACHER_INFO = _object(
+    {
+        "name": _STRING,
+        "state": _STRING,
+        "ready": _BOOLEAN,
+        "model": _STRING,
+        "backend": _STRING,
+        "device": _STRING,
+        "devices": _array(_INTEGER),
+        "versions": _MAP,
+        "vocab_hash": _NULLABLE_STRING,
+        "max_top_k": _INTEGER,
+        "limits": _MAP,
+    }
+)
 
 _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": ERROR_SCHEMA,
     "Health": _object({"status": _STRING, "state": _STRING}),
-    "Readiness": _object({"ready": _BOOLEAN, "state": _STRING}),
+    "Readiness": _object(
+        {
+            "ready": _BOOLEAN,
+            "state": _STRING,
+            "teachers": {
+                "type": "object",
+                "additionalProperties": _object({"ready": _BOOLEAN, "state": _STRING}),
+            },
+            "unready": _array(_STRING),
+        }
+    ),
     "Info": _object(
         {
             "api_version": _STRING,
             "state": _STRING,
-            "teacher": _MAP,
-            "max_top_k": _INTEGER,
+            "teacher": {"type": ["object", "null"], "description": "the default teacher"},
+            "max_top_k": {"type": ["integer", "null"]},
             "limits": _MAP,
+            "default_teacher": _NULLABLE_STRING,
+            "teachers": _array(_TEACHER_INFO),
             "logprobs": _MAP,
             "encodings": _array(_STRING),
             "students": _INTEGER,
@@ -100,9 +137,10 @@ _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "TokenizerSummary": _object({**_SUMMARY, "created": _NUMBER}),
     "TokenizerList": _object({"tokenizers": _array({"$ref": _COMPONENTS + "TokenizerSummary"})}),
-    "Tokenizer": _object({**_DESCRIPTION, "created": _NUMBER}),
+    "Tokenizer": _object({**_DESCRIPTION, "created": _NUMBER}, **_DEFAULT_PAIRING),
     "Registration": _object(
-        {**_DESCRIPTION, "created": {**_BOOLEAN, "description": "false: it was registered"}}
+        {**_DESCRIPTION, "created": {**_BOOLEAN, "description": "false: it was registered"}},
+        **_DEFAULT_PAIRING,
     ),
     "Deleted": _object({"id": _STRING, "deleted": _BOOLEAN}),
     "ScoredSequence": _object(
@@ -175,7 +213,7 @@ _ERROR_TEXT = {
     400: "the body is not valid msgpack/JSON, is empty, or a typed array lies about its size",
     401: "no API key: send 'Authorization: Bearer KEY'",
     403: "the API key is not valid",
-    404: "no such student tokenizer",
+    404: "no such student tokenizer, or no such teacher (code unknown_teacher)",
     413: "the body or the tokens it needs exceed a limit (the message names it)",
     415: "a content type other than application/msgpack or application/json",
     422: "the body decodes but asks for something invalid (the message says what)",
@@ -189,9 +227,9 @@ _BODY = (400, 413, 415, 422)
 
 # (method, path) -> (summary, request model, success status and schema, extra error statuses)
 _ROUTES: dict[tuple[str, str], tuple[str, type | None, dict[int, str], tuple[int, ...]]] = {
-    ("GET", "/readyz"): ("Readiness", None, {200: "Readiness", 503: "Readiness"}, ()),
+    ("GET", "/readyz"): ("Readiness", None, {200: "Readiness", 503: "Readiness"}, (404,)),
     ("GET", "/metrics"): ("Prometheus metrics", None, {200: ""}, ()),
-    ("GET", "/v1/info"): ("The teacher, its limits and encodings", None, {200: "Info"}, ()),
+    ("GET", "/v1/info"): ("The teachers, their limits and encodings", None, {200: "Info"}, ()),
     ("POST", "/v1/tokenizers"): (
         "Register a student tokenizer",
         RegisterTokenizerRequest,
@@ -221,7 +259,7 @@ _ROUTES: dict[tuple[str, str], tuple[str, type | None, dict[int, str], tuple[int
         "Sample from the teacher",
         GenerateRequest,
         {200: "GenerateResponse"},
-        (*_BODY, 429, 504),
+        (*_BODY, 404, 429, 504),
     ),
 }
 
@@ -262,6 +300,16 @@ def operation(method: str, path: str) -> dict[str, Any]:
             'array {"dtype": "<i4", "shape": [n], "data": <bytes>}',
             "content": _content(model.__name__),
         }
+    if path == "/readyz":
+        extra["parameters"] = [
+            {
+                "name": "teacher",
+                "in": "query",
+                "required": False,
+                "description": "answer for this teacher alone (GET /v1/info lists them)",
+                "schema": _STRING,
+            }
+        ]
     if "{student_id}" in path:
         extra["parameters"] = [
             {

@@ -40,8 +40,26 @@ _RECORD = "registration.json"
 
 
 @dataclass(frozen=True)
+class Pairing:
+    """How one student maps onto one teacher: the pair's mapper and how well the pair fits."""
+
+    teacher: str
+    mapper: PairMapper
+    vocab_overlap: float
+    probe_one_to_one_share: float
+
+    def describe(self) -> dict[str, Any]:
+        """The pair's figures as registration answers give them."""
+        return {
+            "vocab_overlap": self.vocab_overlap,
+            "probe_one_to_one_share": self.probe_one_to_one_share,
+            "special_token_map": {str(s): t for s, t in self.mapper.special_map.items()},
+        }
+
+
+@dataclass(frozen=True)
 class StudentEntry:
-    """One registered student tokenizer, ready to map teacher scores onto."""
+    """One registered student tokenizer; its pairings with teachers live in the registry."""
 
     id: str
     name: str
@@ -49,9 +67,6 @@ class StudentEntry:
     created: float
     tokenizer: Any
     vocab: Vocab
-    mapper: PairMapper
-    vocab_overlap: float
-    probe_one_to_one_share: float
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /v1/tokenizers`` lists about this student."""
@@ -65,16 +80,17 @@ class StudentEntry:
             "scheme": self.vocab.scheme,
         }
 
-    def describe(self) -> dict[str, Any]:
-        """What ``GET /v1/tokenizers/{id}`` answers: the summary plus how well the pair maps."""
+    def describe(self, pairings: dict[str, Pairing], default: str | None) -> dict[str, Any]:
+        """What ``GET /v1/tokenizers/{id}`` answers: the summary plus how well the student maps
+        onto each teacher (``teachers``); the default teacher's figures also stand at the top."""
         roles = {role: token for role, token in self.vocab.roles.items() if token is not None}
+        top = pairings[default].describe() if default in pairings else {}
         return {
             **self.summary(),
             "roles": roles,
             "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
-            "vocab_overlap": self.vocab_overlap,
-            "probe_one_to_one_share": self.probe_one_to_one_share,
-            "special_token_map": {str(s): t for s, t in self.mapper.special_map.items()},
+            **top,
+            "teachers": {name: pairing.describe() for name, pairing in pairings.items()},
         }
 
 
@@ -121,12 +137,16 @@ def resolve_inside(path: str, roots: Sequence[Path]) -> Path:
 
 
 class StudentRegistry:
-    """Registered students of one teacher, persisted under ``root``."""
+    """Registered students, shared by every teacher of the service, persisted under ``root``.
+
+    Teachers join with ``add_teacher``; each (teacher, student) pair gets its ``Pairing`` (mapper,
+    overlap, probe share), built once and kept, its tables cached on disk by both vocabularies'
+    hashes.
+    """
 
     def __init__(
         self,
         root: Path | str,
-        teacher_tokenizer: Any,
         probe_text: str,
         loader: Callable[[str], Any] = _default_loader,
         tokenizer_dirs: Sequence[Path | str] = (),
@@ -136,12 +156,72 @@ class StudentRegistry:
         self.tokenizer_dirs = (self.root, *(Path(d) for d in tokenizer_dirs))
         self.students_dir = self.root / "students"
         self.tables = TableCache(self.root / "tables")
-        self.teacher_tokenizer = teacher_tokenizer
-        self.teacher = self.tables.vocab(teacher_tokenizer, "teacher")
         self.probe_text = probe_text
         self._loader = loader
         self._entries: dict[str, StudentEntry] = {}
-        self._lock = threading.Lock()
+        self._teachers: dict[str, tuple[Any, Vocab]] = {}
+        self._pairings: dict[tuple[str, str], Pairing] = {}
+        self._lock = threading.RLock()
+
+    # -- teachers ------------------------------------------------------------------------------
+
+    def add_teacher(self, name: str, tokenizer: Any) -> Vocab:
+        """Make teacher ``name`` known and pair it with every registered student (a student that
+        cannot be paired is logged and left for its first request to report); its vocabulary."""
+        vocab = self.tables.vocab(tokenizer, f"teacher {name}")
+        with self._lock:
+            self._teachers[name] = (tokenizer, vocab)
+            for key in [k for k in self._pairings if k[0] == name]:
+                del self._pairings[key]  # a restarted teacher may come back with other files
+            entries = list(self._entries.values())
+        for entry in entries:
+            try:
+                self.pairing(name, entry)
+            except UnprocessableError as error:
+                logger.warning(
+                    "student %s does not pair with teacher %s: %s", entry.id, name, error
+                )
+        return vocab
+
+    def teacher_vocab(self, name: str) -> Vocab | None:
+        """The vocabulary of teacher ``name``, once it has joined."""
+        known = self._teachers.get(name)
+        return None if known is None else known[1]
+
+    def pairing(self, teacher: str, student: StudentEntry) -> Pairing:
+        """The (teacher, student) pair's mapper and figures, built on first use."""
+        key = (teacher, student.id)
+        found = self._pairings.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._pairings.get(key)
+            if found is None:
+                found = self._pair(teacher, student.tokenizer, student.vocab, student.name)
+                self._pairings[key] = found
+        return found
+
+    def pairings(self, student: StudentEntry) -> dict[str, Pairing]:
+        """The student's pairing with every teacher that has joined, by teacher name."""
+        return {name: self.pairing(name, student) for name in list(self._teachers)}
+
+    def _pair(self, teacher: str, tokenizer: Any, vocab: Vocab, name: str) -> Pairing:
+        known = self._teachers.get(teacher)
+        if known is None:
+            raise NotFoundError(f"teacher {teacher!r} has not started")
+        teacher_tokenizer, teacher_vocab = known
+        try:
+            table = self.tables.pair_table(teacher_vocab, vocab)
+            mapper = PairMapper(teacher_vocab, vocab, table).prepare()
+        except TokenbridgeError as error:
+            raise UnprocessableError(
+                f"tokenizer {name!r} cannot be mapped onto teacher {teacher!r}: {error}"
+            ) from None
+        student_bytes = [b for b, s in zip(vocab.token_bytes, vocab.special, strict=True) if not s]
+        teacher_known = teacher_vocab.id_of_bytes
+        overlap = sum(1 for b in student_bytes if b in teacher_known) / max(1, len(student_bytes))
+        share = self._probe_share(tokenizer, vocab, teacher_tokenizer, teacher_vocab)
+        return Pairing(teacher, mapper, overlap, share)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -200,9 +280,11 @@ class StudentRegistry:
             existing = self._entries.get(student_id)
             if existing is not None:
                 return existing, False
-            entry = self._checked_entry(student_id, tokenizer, request.name, source)
+            entry, pairings = self._checked_entry(student_id, tokenizer, request.name, source)
             self._store(entry)
             self._entries[entry.id] = entry
+            for pairing in pairings:
+                self._pairings[(pairing.teacher, entry.id)] = pairing
         logger.info("registered student %s (%s) from %s", entry.id, entry.name, source["kind"])
         return entry, True
 
@@ -211,6 +293,8 @@ class StudentRegistry:
         with self._lock:
             entry = self.get(student_id)
             del self._entries[student_id]
+            for key in [k for k in self._pairings if k[1] == student_id]:
+                del self._pairings[key]
             shutil.rmtree(self.students_dir / student_id, ignore_errors=True)
         return entry
 
@@ -265,11 +349,17 @@ class StudentRegistry:
 
     def _checked_entry(
         self, student_id: str, tokenizer: Any, name: str, source: dict[str, str]
-    ) -> StudentEntry:
-        """``_entry`` for a new registration: whatever a strange tokenizer makes the vocabulary or
-        table code raise is the registration's fault (422), logged in full for the operator."""
+    ) -> tuple[StudentEntry, tuple[Pairing, ...]]:
+        """``_entry`` for a new registration and its pairing with every teacher: whatever a
+        strange tokenizer makes the vocabulary or table code raise is the registration's fault
+        (422), logged in full for the operator."""
         try:
-            return self._entry(student_id, tokenizer, name, source, time.time())
+            entry = self._entry(student_id, tokenizer, name, source, time.time())
+            pairings = tuple(
+                self._pair(teacher, tokenizer, entry.vocab, name)
+                for teacher in list(self._teachers)
+            )
+            return entry, pairings
         except UnprocessableError:
             raise
         except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
@@ -292,11 +382,6 @@ class StudentRegistry:
                 f"tokenizer {name!r} is not generative: it has no end-of-sequence token (give "
                 "special_tokens.eos_token, or register a causal LM's tokenizer)"
             )
-        table = self.tables.pair_table(self.teacher, vocab)
-        mapper = PairMapper(self.teacher, vocab, table).prepare()
-        student_bytes = [b for b, s in zip(vocab.token_bytes, vocab.special, strict=True) if not s]
-        teacher_known = self.teacher.id_of_bytes
-        overlap = sum(1 for b in student_bytes if b in teacher_known) / max(1, len(student_bytes))
         return StudentEntry(
             id=student_id,
             name=name,
@@ -304,15 +389,14 @@ class StudentRegistry:
             created=created,
             tokenizer=tokenizer,
             vocab=vocab,
-            mapper=mapper,
-            vocab_overlap=overlap,
-            probe_one_to_one_share=self._probe_share(tokenizer, vocab),
         )
 
-    def _probe_share(self, tokenizer: Any, vocab: Vocab) -> float:
+    def _probe_share(
+        self, tokenizer: Any, vocab: Vocab, teacher_tokenizer: Any, teacher_vocab: Vocab
+    ) -> float:
         try:
             ids = np.asarray(encode_continuation(tokenizer, vocab, self.probe_text), dtype=np.int64)
-            view = teacher_view(ids, vocab, self.teacher_tokenizer, self.teacher)
+            view = teacher_view(ids, vocab, teacher_tokenizer, teacher_vocab)
             alignment = align(token_widths(vocab, ids), view.widths)
         except TokenbridgeError:
             return 0.0

@@ -19,7 +19,7 @@ import numpy as np
 
 from tokenbridge.service.engines.base import PositionScores, ScoreJob
 from tokenbridge.service.errors import PayloadTooLargeError, UnprocessableError
-from tokenbridge.service.registry import StudentEntry
+from tokenbridge.service.registry import Pairing, StudentEntry
 from tokenbridge.shared.align import (
     GAP_ID,
     Alignment,
@@ -140,11 +140,13 @@ class PreparedSequence:
 def prepare(
     sequence: ScoreSequence,
     student: StudentEntry,
+    pairing: Pairing,
     teacher_tokenizer: Any,
     top_k: int,
     max_model_len: int,
 ) -> PreparedSequence:
-    """Render, re-tokenise and align one sequence; ``UnprocessableError`` for bad ids or text."""
+    """Render, re-tokenise and align one sequence for the teacher of ``pairing`` (the student's
+    pairing with it); ``UnprocessableError`` for bad ids or text."""
     vocab = student.vocab
     # Checked on the Python ints: an id past int64 (a msgpack uint64, a long JSON number) must be
     # refused with the range, not overflow the conversion to an array.
@@ -161,8 +163,8 @@ def prepare(
             student_ids,
             vocab,
             teacher_tokenizer,
-            student.mapper.teacher,
-            student.mapper.special_map,
+            pairing.mapper.teacher,
+            pairing.mapper.special_map,
         )
         alignment = align(token_widths(vocab, student_ids), view.widths)
     except TokenbridgeError as error:

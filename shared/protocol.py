@@ -125,12 +125,28 @@ class ScoreRequest(_Model):
     student_tokenizer: str = Field(min_length=1, max_length=128)
     top_k: int = Field(ge=1, strict=True)
     sequences: list[ScoreSequence] = Field(min_length=1)
+    teacher: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        strict=True,
+        description="the service's teacher to ask, by name (GET /v1/info lists them); omitted: "
+        "its default teacher",
+    )
 
 
 class GenerateRequest(_Model):
     """``POST /v1/generate``: teacher samples for prompts given as text or messages."""
 
     prompts: list[Prompt] = Field(min_length=1)
+    teacher: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        strict=True,
+        description="the service's teacher to ask, by name (GET /v1/info lists them); omitted: "
+        "its default teacher",
+    )
     max_tokens: int | None = Field(
         default=None,
         ge=1,

@@ -182,8 +182,11 @@ def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     if keys:
         args.api_keys = list(args.api_keys or ()) + [k.strip() for k in keys]
     config = config_from_args(ServiceConfig, args, serve)
-    if not config.teacher:
-        serve.error("--teacher PATH_OR_HUB is required (or teacher = ... in --config)")
+    if not config.teacher_names:
+        serve.error(
+            "--teacher PATH_OR_HUB (or NAME=PATH_OR_HUB, repeated) is required (or teacher = ... "
+            "or [[teachers]] tables in --config)"
+        )
     configure_logging(config.log_level)
     cache = _default_cache()
     app = create_app(config, tokenizer_loader=lambda name: load_tokenizer(name, cache))
@@ -199,8 +202,9 @@ def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     service = app.state.service
 
     def engine_lost() -> None:
-        # The engine failed and its restarts are spent: shut down like on SIGTERM, then exit
-        # non-zero so that a supervisor (systemd, Kubernetes, Docker) starts a fresh process.
+        # Every teacher's engine failed and their restarts are spent: shut down like on SIGTERM,
+        # then exit non-zero so that a supervisor (systemd, Kubernetes, Docker) starts a fresh
+        # process. While some teacher still serves, the process stays up for it.
         server.should_exit = True
 
     service.on_failed = engine_lost
@@ -210,7 +214,7 @@ def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return SERVE_STARTUP_FAILED
     if service.state == "failed":
         logging.getLogger("tokenbridge.service").critical(
-            "exiting with status %d: the teacher engine failed and could not be restarted",
+            "exiting with status %d: every teacher's engine failed and could not be restarted",
             SERVE_ENGINE_FAILED,
         )
         return SERVE_ENGINE_FAILED

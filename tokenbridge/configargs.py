@@ -1,8 +1,11 @@
 """Command-line flags generated from frozen config dataclasses, so flags are never copied by hand.
 
 Each field becomes ``--field-name`` with the field's type, default and the ``help`` entry of its
-metadata. ``from_args`` builds the dataclass back, so its own validation (``__post_init__``) runs
-and a bad value is reported as a usage error that says why.
+metadata (a field whose metadata says ``"cli": False`` gets no flag: it is set in the TOML file).
+Sequence fields take one or more values, and a repeated flag adds to them (``--teacher a=X
+--teacher b=Y``); values given on the command line replace those of a ``--config`` file.
+``from_args`` builds the dataclass back, so its own validation (``__post_init__``) runs and a bad
+value is reported as a usage error that says why.
 """
 
 from __future__ import annotations
@@ -34,10 +37,28 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+class _Accumulate(argparse.Action):
+    """``nargs="+"`` that adds up over repeated flags, starting afresh from the default (which a
+    ``--config`` file may have set): the command line replaces the file's list, never extends it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        start = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, start + list(values))
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
     """Add one flag per field of the dataclass ``config_type``."""
     hints = typing.get_type_hints(config_type)
     for field in dataclasses.fields(config_type):
+        if not field.metadata.get("cli", True):
+            continue
         annotation = hints[field.name]
         kind = _base_type(annotation)
         default = (
@@ -61,6 +82,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type) -> 
             _flag(field.name),
             type=Path if kind is Path else kind,
             nargs="+" if is_sequence else None,
+            action=_Accumulate if is_sequence else "store",
             default=default,
             help=f"{help_text} (default: {default})" if help_text else f"default: {default}",
         )
@@ -72,6 +94,8 @@ def config_from_args(
     """Build ``config_type`` from parsed flags; a validation error becomes a usage error."""
     values = {}
     for field in dataclasses.fields(config_type):  # type: ignore[arg-type]
+        if not hasattr(args, field.name):  # a field without a flag that no file set
+            continue
         value = getattr(args, field.name)
         if isinstance(value, list):
             value = tuple(value)

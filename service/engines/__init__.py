@@ -9,28 +9,31 @@ __all__ = ["build_engine"]
 
 
 def build_engine(config: ServiceConfig) -> TeacherEngine:
-    """The engine ``config.backend`` names, not yet started."""
-    if not config.teacher:
+    """The engine ``config.backend`` names for ``config``'s one teacher, not yet started."""
+    if not config.teacher_names:
         raise ValueError(
             "no teacher given: pass --teacher PATH_OR_HUB (or teacher = ... in the config)"
         )
+    model = config.teacher_model
     if config.backend == "vllm":
         from tokenbridge.service.engines.vllm import VLLMEngine
 
         return VLLMEngine(
-            config.teacher,
+            model,
             dtype=config.dtype,
             max_model_len=config.max_model_len,
             max_top_k=config.max_top_k,
             gpu_memory_utilization=config.gpu_memory_utilization,
             tensor_parallel_size=config.tensor_parallel_size,
             pipeline_parallel_size=config.pipeline_parallel_size,
+            devices=config.devices or None,
         )
     from tokenbridge.service.engines.transformers import TransformersEngine
 
     return TransformersEngine(
-        config.teacher,
-        device=config.device,
+        model,
+        # A GPU list of one names the transformers engine's device.
+        device=f"cuda:{config.devices[0]}" if config.devices else config.device,
         dtype=config.dtype,
         max_model_len=config.max_model_len,
         max_top_k=config.max_top_k,

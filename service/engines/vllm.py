@@ -23,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import threading
 import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +52,28 @@ _INSTALL_HINT = (
 #: Engine arguments that have their own keyword on ``VLLMEngine``; ``info`` reports them, so
 #: ``extra_engine_args`` may not override them behind its back.
 _RESERVED_ARGS = frozenset({"model", "dtype", "max_model_len", "max_logprobs", "revision"})
+#: One engine at a time sets the devices its worker processes will see (the environment is the
+#: process's, shared by every teacher's engine).
+_DEVICES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _visible_devices(devices: Sequence[int] | None) -> Iterator[None]:
+    """``CUDA_VISIBLE_DEVICES`` set to ``devices`` while an engine builds (its worker processes
+    inherit it when they start), then restored; nothing changes when ``devices`` is ``None``."""
+    if devices is None:
+        yield
+        return
+    with _DEVICES_LOCK:
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 class VLLMEngine:
@@ -72,11 +97,14 @@ class VLLMEngine:
         pipeline_parallel_size: int = 1,
         extra_engine_args: dict[str, Any] | None = None,
         revision: str | None = None,
+        devices: Sequence[int] | None = None,
     ) -> None:
         """Read the tokenizer and config of ``model`` (a folder or hub name); load nothing else.
 
         ``extra_engine_args`` go to ``AsyncEngineArgs`` as they are and override this class's
-        defaults (``enable_prefix_caching`` included: turning it on breaks scoring).
+        defaults (``enable_prefix_caching`` included: turning it on breaks scoring). ``devices``
+        are the GPU indices the engine's workers may use (``CUDA_VISIBLE_DEVICES`` while it
+        builds); ``None`` leaves the process's own.
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -91,6 +119,7 @@ class VLLMEngine:
             )
         self.model_name = model
         self.revision = revision
+        self.devices = None if devices is None else tuple(devices)
         # The teacher's own code never runs: the tokenizer and config must load without it.
         self.tokenizer = AutoTokenizer.from_pretrained(
             model, revision=revision, trust_remote_code=False
@@ -161,7 +190,7 @@ class VLLMEngine:
         # The engine lives only on ``self``, never in a local: an import vLLM makes lazily below
         # keeps this frame alive, and a local would keep the stopped engine with it until
         # interpreter exit, where its ``__del__`` fails with a TypeError.
-        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._engine = await asyncio.to_thread(self._build, AsyncLLM, args)
         if self._stops != stops:
             # ``stop`` ran while the engine was being built: it found nothing to shut down.
             await self.stop()
@@ -178,9 +207,15 @@ class VLLMEngine:
         self.info = dataclasses.replace(
             self.info,
             dtype=str(self._engine.model_config.dtype).removeprefix("torch."),
-            device=str(current_platform.device_type),
+            device=str(current_platform.device_type)
+            + ("" if self.devices is None else ":" + ",".join(map(str, self.devices))),
             versions=versions,
         )
+
+    def _build(self, engine_type: Any, args: Any) -> Any:
+        """Construct the engine (blocking) with this teacher's GPUs visible to its workers."""
+        with _visible_devices(self.devices):
+            return engine_type.from_engine_args(args)
 
     async def stop(self) -> None:
         """Shut the engine down (its worker processes exit); safe to call more than once, and

@@ -85,7 +85,12 @@ def test_health_ready_info(app, students):
 
     health, ready, info_json, info_msgpack = app.run(go)
     assert health.status_code == 200 and health.json()["status"] == "alive"
-    assert ready.status_code == 200 and ready.json() == {"ready": True, "state": "ready"}
+    assert ready.status_code == 200 and ready.json() == {
+        "ready": True,
+        "state": "ready",
+        "teachers": {"default": {"ready": True, "state": "ready"}},
+        "unready": [],
+    }
     info = info_json.json()
     assert info_msgpack.headers["content-type"] == "application/msgpack"
     assert unpack(info_msgpack.content) == info
@@ -112,7 +117,7 @@ def test_metrics_count_requests_and_positions(app, students, bank):
         return (await client.get("/metrics")).text
 
     text = app.run(go)
-    assert 'tokenbridge_requests_total{route="/v1/score",status="200"}' in text
+    assert 'tokenbridge_requests_total{route="/v1/score",status="200",teacher="default"}' in text
     positions = [
         line for line in text.splitlines() if line.startswith("tokenbridge_scored_positions_total")
     ]
@@ -421,7 +426,7 @@ def test_request_errors_have_status_and_reason(app, students, bank):
 
     got = app.run(go)
     expected = {
-        "top_k": (422, "top_k 33 is above this service's maximum 32"),
+        "top_k": (422, "top_k 33 is above the maximum 32 of teacher 'default'"),
         "top_k_zero": (422, "top_k"),
         "unknown": (404, "no student tokenizer 'nope'"),
         "garbage": (400, "not valid msgpack"),
