@@ -440,7 +440,8 @@ def _server_counts(url: str) -> dict[str, int]:
             if sample.name == "tokenbridge_requests_total" and sample.labels.get("route") == (
                 "/v1/score"
             ):
-                counts[sample.labels["status"]] = int(sample.value)
+                status = sample.labels["status"]
+                counts[status] = counts.get(status, 0) + int(sample.value)
     return counts
 
 

@@ -153,8 +153,9 @@ def main() -> int:
         body = {"student_tokenizer": student_id, "top_k": TOP_K, "sequences": sequences}
         packed = pack(body)
         request = ScoreRequest.model_validate(body)
+        pairing = service.registry.pairing(service.teacher(None).name, entry)
         jobs = [
-            prepare(s, entry, engine.tokenizer, TOP_K, engine.info.max_model_len).job
+            prepare(s, entry, pairing, engine.tokenizer, TOP_K, engine.info.max_model_len).job
             for s in request.sequences
         ]
         assert all(job is not None for job in jobs)

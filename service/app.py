@@ -415,6 +415,12 @@ def create_app(
         """Readiness: 200 while some teacher accepts work (``?teacher=NAME``: that teacher),
         503 while none does (loading, restarting, draining, failed). The body gives every
         teacher's state and names the unready ones."""
+        unknown = sorted(set(request.query_params) - {"teacher"})
+        if unknown:
+            raise UnprocessableError(
+                f"unknown query parameters {[u[:40] for u in unknown[:5]]}; /readyz takes "
+                "only 'teacher'"
+            )
         teachers = service.teacher_readiness()
         asked = request.query_params.get("teacher")
         if asked is not None:

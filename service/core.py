@@ -578,7 +578,7 @@ class TeacherService:
                 logger.critical("teacher %s did not start: %r", name, error)
             name, error = failures[0]
             raise RuntimeError(f"teacher {name!r} did not start: {error}") from error
-        self._started = True
+        self._started, self._stopping = True, False
         logger.info(
             "ready: %d teacher%s (%s), %d stored students, started in %.1f s",
             len(self.teachers), "s" if len(self.teachers) != 1 else "",

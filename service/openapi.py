@@ -227,7 +227,7 @@ _BODY = (400, 413, 415, 422)
 
 # (method, path) -> (summary, request model, success status and schema, extra error statuses)
 _ROUTES: dict[tuple[str, str], tuple[str, type | None, dict[int, str], tuple[int, ...]]] = {
-    ("GET", "/readyz"): ("Readiness", None, {200: "Readiness", 503: "Readiness"}, (404,)),
+    ("GET", "/readyz"): ("Readiness", None, {200: "Readiness", 503: "Readiness"}, (404, 422)),
     ("GET", "/metrics"): ("Prometheus metrics", None, {200: ""}, ()),
     ("GET", "/v1/info"): ("The teachers, their limits and encodings", None, {200: "Info"}, ()),
     ("POST", "/v1/tokenizers"): (

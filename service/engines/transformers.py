@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +34,10 @@ from tokenbridge.service.engines.base import (
 )
 
 __all__ = ["TransformersEngine", "is_out_of_memory"]
+
+#: transformers' ``from_pretrained`` is not thread-safe: two teachers loading at once (a service
+#: starts its teachers together) leave meta tensors behind. One load at a time, process-wide.
+_LOAD_LOCK = threading.Lock()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -117,12 +122,13 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM
 
         torch_dtype = getattr(torch, self.dtype) if self.dtype != "auto" else "auto"
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            self.model_name,
-            revision=self.revision,
-            dtype=torch_dtype,
-        )
-        self._model = model.to(self.device).eval()
+        with _LOAD_LOCK:
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                self.model_name,
+                revision=self.revision,
+                dtype=torch_dtype,
+            )
+            self._model = model.to(self.device).eval()
 
     async def start(self) -> None:
         """Load the model on the worker thread and start the micro-batcher.

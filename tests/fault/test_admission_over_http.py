@@ -26,10 +26,12 @@ TEXT = " To be, or not to be, that is the question: whether 'tis nobler in the m
 
 
 def metric(client: httpx.Client, name: str) -> float:
+    """``name``'s value summed over its label sets (the one teacher's, here)."""
+    total = 0.0  # a counter never incremented is not listed yet
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0  # a counter never incremented is not listed yet
+        if line.split("{")[0].split(" ")[0] == name:
+            total += float(line.split()[-1])
+    return total
 
 
 def test_a_full_admission_limit_refuses_with_retry_after_then_serves_everyone(tmp_path, bank):

@@ -83,9 +83,9 @@ class Served:
         return self.loop.run(look())
 
     def gauge(self, name: str) -> float:
-        """A metric's value from ``GET /metrics``."""
+        """A metric's value from ``GET /metrics`` (the one teacher's)."""
         for line in self.http.get("/metrics").text.splitlines():
-            if line.startswith(name + " "):
+            if line.startswith(name + '{teacher="default"} '):
                 return float(line.split()[-1])
         raise AssertionError(f"{name} not in /metrics")
 

@@ -157,7 +157,12 @@ def test_out_of_memory_restarts_the_engine_and_it_serves_again(teacher_dir, tmp_
     assert failed.json()["error"]["code"] == "engine_unavailable"
     # While the engine restarts: not ready (503 with Retry-After), alive, work refused.
     assert during["ready"].status_code == 503 and "retry-after" in during["ready"].headers
-    assert during["ready"].json() == {"ready": False, "state": "restarting"}
+    assert during["ready"].json() == {
+        "ready": False,
+        "state": "restarting",
+        "teachers": {"default": {"ready": False, "state": "restarting"}},
+        "unready": ["default"],
+    }
     assert during["health"].status_code == 200 and during["health"].json()["state"] == "restarting"
     assert during["score"].status_code == 503 and "retry-after" in during["score"].headers
     assert back_in < WAIT_S
@@ -209,7 +214,8 @@ def test_restarts_that_cannot_load_the_teacher_leave_the_service_failed_for_good
     assert gave_up_after < WAIT_S
     assert engine.loads == 1 + 2  # the first load, then two restarts that failed to load
     assert gave_up == ["failed"]  # told once, so that `serve` can exit
-    assert ready.status_code == 503 and ready.json() == {"ready": False, "state": "failed"}
+    assert ready.status_code == 503 and ready.json()["state"] == "failed"
+    assert ready.json()["unready"] == ["default"]
     assert health.status_code == 503 and health.json() == {"status": "failed", "state": "failed"}
     assert refused.status_code == 503
     assert service.state == "failed"  # stopping the app keeps the final state

@@ -77,7 +77,8 @@ def test_out_of_memory_restarts_the_engine_then_exhaustion_exits_non_zero(tmp_pa
         assert out_of_memory.status_code == 503, out_of_memory.text
         assert out_of_memory.json()["error"]["code"] == "engine_unavailable"
         # Restarted (a fresh engine fits under the cap): ready again, and the same numbers.
-        assert until_ready(http) == {"ready": True, "state": "ready"}
+        ready = until_ready(http)
+        assert ready["ready"] is True and ready["state"] == "ready" and ready["unready"] == []
         again = http.post("/v1/score", json=small, headers=JSON)
         assert again.status_code == 200
         assert again.json()["sequences"] == baseline.json()["sequences"]

@@ -337,7 +337,8 @@ def test_a_tokenizer_that_pads_to_a_terabyte_does_not_abort_the_process(tmp_path
         from tokenbridge.shared.protocol import Prompt, RegisterTokenizerRequest
 
         teacher = load_tokenizer("gpt2", Path({str(CACHE_DIR)!r}))
-        registry = StudentRegistry(Path({str(tmp_path)!r}), teacher, "probe text 🦊")
+        registry = StudentRegistry(Path({str(tmp_path)!r}), "probe text 🦊")
+        registry.add_teacher("default", teacher)
         request = RegisterTokenizerRequest(
             name="padded", tokenizer_json=sys.stdin.read(), special_tokens={{"eos_token": "<eos>"}}
         )
