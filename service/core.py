@@ -96,7 +96,7 @@ class Teacher:
         self._in_flight_gauge.set(0)
         self.state = "starting"
         self._tasks_in_flight = 0
-        #: Called once when the engine failed and its restarts are spent (``serve`` exits then).
+        #: Called once when the engine failed and its restarts are spent (the service is told).
         self.on_failed: Callable[[], None] | None = None
         #: Restarts that brought the engine back since the service started.
         self.engine_restarts = 0
@@ -111,6 +111,7 @@ class Teacher:
         """Start the engine and pair the teacher with every registered student; then accept
         work."""
         started = time.monotonic()
+        self._stopped = False  # an app's lifespan may run again after a stop (tests do)
         await self.engine.start()
         await asyncio.to_thread(self.registry.add_teacher, self.name, self.engine.tokenizer)
         self.state = "ready"
