@@ -117,7 +117,7 @@ class Teacher:
         self.state = "ready"
         self._ready_gauge.set(1)
         logger.info(
-            "ready: teacher %s (%s) on %s %s, started in %.1f s",
+            "teacher %s (%s) is ready on %s %s, started in %.1f s",
             self.name, self.engine.info.model, self.engine.info.backend, self.engine.info.device,
             time.monotonic() - started,
         )  # fmt: skip
