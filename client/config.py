@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenbridge.client.routing import check_schedule
 from tokenbridge.configargs import load_toml
 
 __all__ = ["LOSSES", "TrainConfig", "load_train_config"]
@@ -55,6 +56,30 @@ class TrainConfig:
         default=0.0, metadata={"help": "mask positions whose mapped teacher mass is below this"}
     )
     require_exact: bool = field(default=False, metadata={"help": "mask positions not exact"})
+    teachers: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "names of the service's teachers to distil from (none: its default teacher)"
+        },
+    )
+    teacher_schedule: str = field(
+        default="round_robin",
+        metadata={
+            "help": "round_robin: step s's batch goes to teachers[s %% n] (from 0) | mixture: "
+            "each prompt draws a teacher (seeded, --teacher-weights)"
+        },
+    )
+    teacher_weights: tuple[float, ...] = field(
+        default=(),
+        metadata={"help": "mixture weights, one per teacher, >= 0 (none: uniform)"},
+    )
+    teacher_field: str = field(
+        default="teacher",
+        metadata={
+            "help": "prompt-file field naming a row's teacher (rows without it follow the "
+            "schedule; empty: ignore)"
+        },
+    )
     teacher_resubmits: int = field(
         default=8,
         metadata={"help": "times a teacher call lost with the teacher is sent again"},
@@ -72,6 +97,9 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
+        teachers = (self.teachers,) if isinstance(self.teachers, str) else self.teachers
+        object.__setattr__(self, "teachers", tuple(teachers))
+        object.__setattr__(self, "teacher_weights", tuple(self.teacher_weights))
         problems = []
         if self.sampler not in ("transformers", "vllm"):
             problems.append(f"sampler must be transformers or vllm; got {self.sampler!r}")
@@ -94,6 +122,11 @@ class TrainConfig:
             problems.append("discount must lie in [0, 1] and jsd_beta in (0, 1)")
         if not 0 <= self.min_mapped_mass <= 1:
             problems.append("min_mapped_mass must lie in [0, 1]")
+        problems += check_schedule(self.teachers, self.teacher_schedule, self.teacher_weights)
+        if self.teacher_field in ("prompt", "messages"):
+            problems.append(
+                f"teacher_field {self.teacher_field!r} is the prompt's own field; name another"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "out_dir", Path(self.out_dir))

@@ -10,6 +10,8 @@
   ``TeacherConfigError``       a start-up check failed: ``top_k`` above the service's
                                ``max_top_k``, the student tokenizer refused, replicas that serve
                                different teachers, ``/v1/info`` unreadable or the key refused
+    ``UnknownTeacherError``    the teacher name asked for is not one the service hosts (or the
+                               service hosts several and none is the default); names those it has
   ``TeacherProtocolError``     a success response that cannot be decoded or does not fit the
                                request (another service version, a proxy answering instead)
 
@@ -27,6 +29,7 @@ __all__ = [
     "TeacherProtocolError",
     "TeacherRequestError",
     "TeacherUnavailableError",
+    "UnknownTeacherError",
 ]
 
 
@@ -78,6 +81,11 @@ class TeacherRequestError(TeacherClientError):
         self.message = message
 
     @property
+    def unknown_teacher(self) -> bool:
+        """Whether the service does not host the teacher the request named."""
+        return self.status == 404 and self.code == "unknown_teacher"
+
+    @property
     def student_not_registered(self) -> bool:
         """Whether the service no longer knows the student tokenizer (e.g. a fresh data dir)."""
         return self.status == 404 and "no student tokenizer" in self.message
@@ -89,3 +97,16 @@ class TeacherConfigError(TeacherClientError):
 
 class TeacherProtocolError(TeacherClientError):
     """A success response that is not a readable answer to the request that was sent."""
+
+
+class UnknownTeacherError(TeacherConfigError):
+    """The service does not host the teacher asked for (``name``; ``None``: its default, when it
+    has none). ``available`` lists the teachers it does host (empty: a service that predates
+    named teachers, whose one teacher has no name)."""
+
+    def __init__(
+        self, message: str, *, name: str | None, available: tuple[str, ...], url: str | None = None
+    ) -> None:
+        super().__init__(message, url=url)
+        self.name = name
+        self.available = available

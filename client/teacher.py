@@ -42,7 +42,9 @@ from tokenbridge.client.errors import (
     TeacherProtocolError,
     TeacherRequestError,
     TeacherUnavailableError,
+    UnknownTeacherError,
 )
+from tokenbridge.client.routing import check_teacher_name
 from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack
 from tokenbridge.shared.errors import CodecError
 from tokenbridge.shared.protocol import (
@@ -61,6 +63,7 @@ __all__ = [
     "TeacherClient",
     "TeacherClientConfig",
     "registration_body",
+    "teacher_view",
 ]
 
 logger = logging.getLogger("tokenbridge.client.teacher")
@@ -115,6 +118,10 @@ class TeacherClientConfig:
         metadata={"help": "a replica refusing connections is avoided this long, then retried"},
     )
     encoding: str = field(default="msgpack", metadata={"help": "body encoding: msgpack | json"})
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "the service's teacher to use, by name (none: its default teacher)"},
+    )
 
     def __post_init__(self) -> None:
         urls = self.urls
@@ -154,6 +161,8 @@ class TeacherClientConfig:
             raise ValueError(f"max_retries must be >= 0; got {self.max_retries}")
         if self.encoding not in _ENCODINGS:
             raise ValueError(f"encoding must be one of {sorted(_ENCODINGS)}; got {self.encoding!r}")
+        if self.teacher is not None:
+            check_teacher_name(self.teacher, "teacher")
 
     @property
     def http_timeout(self) -> httpx.Timeout:
@@ -306,6 +315,82 @@ def _tokenizer_name(tokenizer: Any) -> str:
     raw = str(getattr(tokenizer, "name_or_path", "") or "student")
     # A local folder's last part reads better in the service's listing than the whole path.
     return (Path(raw).name or raw)[:128]
+
+
+# -- teachers ----------------------------------------------------------------------------------
+
+#: Keys of an entry of ``/v1/info``'s ``teachers`` that describe the service's work for that
+#: teacher rather than the teacher itself; the rest of the entry is the teacher's description.
+_SERVICE_KEYS = ("state", "ready", "max_top_k", "limits")
+
+
+def teacher_view(
+    info: Mapping[str, Any], name: str | None, url: str | None = None
+) -> dict[str, Any]:
+    """``GET /v1/info`` as a client of teacher ``name`` sees it (``None``: the default teacher).
+
+    A service hosting several teachers lists them under ``teachers``; the answer is ``info`` with
+    its top-level ``teacher`` (gaining ``name``), ``max_top_k``, ``limits`` and ``state`` taken
+    from that teacher's entry, so every check reads the teacher it will use. A service without
+    ``teachers`` (older versions) hosts one unnamed teacher: ``info`` as it is for ``None``.
+    ``UnknownTeacherError`` (naming the teachers there are) when the service has no such teacher,
+    or several and no default while ``name`` is ``None``.
+    """
+    where = f" at {url}" if url else ""
+    teachers = info.get("teachers")
+    if teachers is None:
+        if name is None:
+            return dict(info)
+        raise UnknownTeacherError(
+            f"the service{where} hosts one unnamed teacher (a version without named teachers); "
+            f"it cannot serve teacher {name!r}: leave the teacher name unset",
+            name=name,
+            available=(),
+            url=url,
+        )
+    if not isinstance(teachers, list):
+        raise TeacherConfigError(
+            f"GET /v1/info{where} has 'teachers' that is not a list: {type(teachers).__name__}",
+            url=url,
+        )
+    entries = {
+        entry["name"]: entry
+        for entry in teachers
+        if isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
+    }
+    names = tuple(entries)
+    wanted = name
+    if wanted is None:
+        default = info.get("default_teacher")
+        # One teacher is the default even if the service did not say so.
+        wanted = default if isinstance(default, str) else names[0] if len(names) == 1 else None
+        if wanted is None:
+            raise UnknownTeacherError(
+                f"the service{where} hosts several teachers {list(names)} and none is its "
+                "default: name the one to use (TeacherClientConfig.teacher, or --teachers)",
+                name=None,
+                available=names,
+                url=url,
+            )
+    entry = entries.get(wanted)
+    if entry is None and name is None:
+        # The default is named but not listed: the top-level keys describe it.
+        view = dict(info)
+        view["teacher"] = {**(info.get("teacher") or {}), "name": wanted}
+        return view
+    if entry is None:
+        raise UnknownTeacherError(
+            f"the service{where} hosts no teacher {wanted!r}; it hosts {list(names)}",
+            name=wanted,
+            available=names,
+            url=url,
+        )
+    view = dict(info)
+    view["teacher"] = {k: v for k, v in entry.items() if k not in _SERVICE_KEYS}
+    view["max_top_k"] = entry.get("max_top_k", info.get("max_top_k"))
+    view["limits"] = entry.get("limits") or info.get("limits") or {}
+    view["state"] = entry.get("state", info.get("state"))
+    return view
 
 
 # -- replicas ----------------------------------------------------------------------------------
@@ -472,7 +557,8 @@ class TeacherClient:
         A replica that does not answer (after the retries) is skipped and verified later, when it
         answers; ``TeacherUnavailableError`` when none answers. ``TeacherConfigError`` when
         ``top_k`` is above a replica's ``max_top_k``, the student is refused, or replicas serve
-        different teachers or gave different student ids.
+        different teachers or gave different student ids; ``UnknownTeacherError`` (one of those)
+        when a replica does not host the configured ``teacher``.
         """
         if self._started:
             return
@@ -508,10 +594,10 @@ class TeacherClient:
         self._student_id = answered[0][2]
         for replica, _, _ in answered:
             replica.verified = True
-        limits = [info.get("limits", {}).get("max_sequences") for _, info, _ in answered]
+        limits = [(info.get("limits") or {}).get("max_sequences") for _, info, _ in answered]
         known = [n for n in limits if isinstance(n, int) and n > 0]
         self._max_sequences = min([self.config.max_sequences_per_request, *known])
-        deadline = first_info.get("limits", {}).get("request_timeout_s")
+        deadline = (first_info.get("limits") or {}).get("request_timeout_s")
         if isinstance(deadline, int | float) and self.config.timeout_s < deadline:
             logger.warning(
                 "timeout_s %.0f s is below the service's request_timeout_s %.0f s: long score "
@@ -520,8 +606,9 @@ class TeacherClient:
             )  # fmt: skip
         self._started = True
         logger.info(
-            "teacher client ready: %d/%d replicas, student %s, top_k %d",
-            len(answered), len(self._replicas), self._student_id, self.config.top_k,
+            "teacher client ready: %d/%d replicas, teacher %s, student %s, top_k %d",
+            len(answered), len(self._replicas), self.teacher_name or "(unnamed)",
+            self._student_id, self.config.top_k,
         )  # fmt: skip
 
     async def _handshake_all(self) -> dict[_Replica, Any]:
@@ -608,10 +695,23 @@ class TeacherClient:
 
     @property
     def teacher_info(self) -> dict[str, Any]:
-        """``GET /v1/info`` as read at start-up (teacher model, vocab hash, max_top_k, limits)."""
+        """``GET /v1/info`` as read at start-up, for this client's teacher: ``teacher`` (model,
+        vocab hash, name...), ``max_top_k``, ``limits`` and ``state`` are that teacher's, even on
+        a service hosting several (see ``teacher_view``)."""
         if self._teacher_info is None:
             raise RuntimeError("the teacher client is not started: call start() or use async with")
         return self._teacher_info
+
+    @property
+    def teacher_name(self) -> str | None:
+        """The name of the teacher this client uses: the configured one, or the service's name
+        for its default (``None`` before start, or for a service without named teachers)."""
+        if self.config.teacher is not None:
+            return self.config.teacher
+        if self._teacher_info is None:
+            return None
+        name = (self._teacher_info.get("teacher") or {}).get("name")
+        return name if isinstance(name, str) else None
 
     @property
     def max_sequences_per_request(self) -> int:
@@ -693,6 +793,9 @@ class TeacherClient:
             "top_k": self.config.top_k,
             "sequences": chunk,
         }
+        if self.config.teacher is not None:
+            # Only when set: a service without named teachers refuses fields it does not know.
+            body["teacher"] = self.config.teacher
         try:
             answer = await self._request("POST", "/v1/score", body, student_scoped=True)
         except TeacherRequestError as error:
@@ -757,6 +860,10 @@ class TeacherClient:
                     "top_p": top_p,
                     "seed": None if seed is None else seed + offset,
                 }
+                if self.config.teacher is not None:
+                    # Only when set: a service without named teachers refuses fields it does not
+                    # know.
+                    body["teacher"] = self.config.teacher
                 try:
                     GenerateRequest.model_validate(body)  # refuse bad arguments before sending
                 except ValidationError as error:
@@ -800,7 +907,9 @@ class TeacherClient:
     ) -> tuple[dict[str, Any], str | None, bool]:
         """Read the replica's info, check ``top_k``, register the student.
 
-        Returns the info, the student's id and whether the registration was new on the replica.
+        Returns the info as this client's teacher sees it (``teacher_view``), the student's id
+        and whether the registration was new on the replica. The registration is the service's,
+        shared by all its teachers.
         """
         try:
             info = await self._request("GET", "/v1/info", pin=replica, retries=retries)
@@ -810,28 +919,35 @@ class TeacherClient:
                 "check api_key)",
                 url=replica.url,
             ) from error
-        try:
-            max_top_k = int(info["max_top_k"])
-            vocab_hash = info["teacher"]["vocab_hash"]
-            version = info.get("api_version", API_VERSION)
-        except (KeyError, TypeError, ValueError) as error:
+        unreadable = f"GET /v1/info on {replica.url} is not readable as a teacher service's info"
+        if not isinstance(info, Mapping):
             raise TeacherConfigError(
-                f"GET /v1/info on {replica.url} is not readable as a teacher service's info "
-                f"({error!r}); is the URL a tokenbridge teacher?",
-                url=replica.url,
-            ) from None
+                f"{unreadable}; is the URL a tokenbridge teacher?", url=replica.url
+            )
+        version = info.get("api_version", API_VERSION)
         if version != API_VERSION:
             raise TeacherConfigError(
                 f"{replica.url} speaks API {version!r}; this client speaks {API_VERSION!r}",
                 url=replica.url,
             )
+        # The checks below read the teacher this client will use, not the service's default.
+        info = teacher_view(info, self.config.teacher, replica.url)
+        try:
+            max_top_k = int(info["max_top_k"])
+            vocab_hash = info["teacher"]["vocab_hash"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise TeacherConfigError(
+                f"{unreadable} ({error!r}); is the URL a tokenbridge teacher?",
+                url=replica.url,
+            ) from None
         if not vocab_hash:
             raise TeacherConfigError(
                 f"{replica.url} reports no teacher vocab_hash", url=replica.url
             )
         if self.config.top_k > max_top_k:
+            which = f"teacher {self.config.teacher!r}" if self.config.teacher else "teacher"
             raise TeacherConfigError(
-                f"top_k {self.config.top_k} is above the teacher's max_top_k {max_top_k} at "
+                f"top_k {self.config.top_k} is above the {which}'s max_top_k {max_top_k} at "
                 f"{replica.url}: ask for top_k <= {max_top_k}, or start the service with a "
                 f"larger --max-top-k",
                 url=replica.url,
@@ -1171,6 +1287,11 @@ class SyncTeacherClient:
     def teacher_info(self) -> dict[str, Any]:
         """See ``TeacherClient.teacher_info``."""
         return self._client.teacher_info
+
+    @property
+    def teacher_name(self) -> str | None:
+        """See ``TeacherClient.teacher_name``."""
+        return self._client.teacher_name
 
     @property
     def stats(self) -> ClientStats:

@@ -6,6 +6,11 @@ log → checkpoint. Checkpoints hold the model, optimiser, scheduler, every RNG,
 and the rollouts still in the pipeline, so ``resume`` continues exactly where the run stopped.
 Under ``torchrun`` each rank samples its own prompts and calls the teacher itself; gradients are
 averaged by DDP; rank 0 writes metrics and checkpoints.
+
+A service may host several teachers by name (``--teachers a b``): each prompt goes to one of them
+(``client/routing.py``: the prompt row's own ``teacher`` field, else the schedule), each teacher
+gets its share of a step's batch in its own call, and the answers are put back in batch order.
+Every metrics line says how many sequences and tokens each teacher scored.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,14 @@ from tokenbridge.client.rollout import (
     sample,
     wire_prompt,
 )
-from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
+from tokenbridge.client.routing import TeacherRouter, check_teacher_name
+from tokenbridge.client.teacher import (
+    Completion,
+    GenerateResult,
+    ScoreResult,
+    SyncTeacherClient,
+    TeacherClientConfig,
+)
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.errors import AlignmentError
 from tokenbridge.shared.protocol import ScoredSequence
@@ -46,16 +58,22 @@ from tokenbridge.shared.vocab import Vocab, build_vocab
 ExtraEval = Callable[[Any, Any], dict[str, float]]
 
 __all__ = [
+    "DEFAULT_TEACHER",
     "ExtraEval",
     "PromptStream",
     "TrainSummary",
     "evaluate_reverse_kl",
     "load_prompts",
+    "load_routed_prompts",
     "main",
+    "take_routed_batch",
 ]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+#: What the logs call the service's default teacher when the service gives it no name (a service
+#: that predates named teachers).
+DEFAULT_TEACHER = "default"
 
 DEFAULT_PROMPTS: tuple[str, ...] = tuple(
     f"{speaker}.\n{line}"
@@ -81,10 +99,24 @@ DEFAULT_PROMPTS: tuple[str, ...] = tuple(
 
 def load_prompts(path: Path | None) -> list[Prompt]:
     """Prompts from a JSONL file (``{"prompt": text}`` or ``{"messages": [...]}`` per line), or a
-    small built-in set of Shakespeare openings when no file is given."""
+    small built-in set of Shakespeare openings when no file is given. Other fields of a row (its
+    teacher, say) are ignored: ``load_routed_prompts`` reads that too."""
+    return load_routed_prompts(path, teacher_field="")[0]
+
+
+def load_routed_prompts(
+    path: Path | None, teacher_field: str = "teacher", teachers: Sequence[str] = ()
+) -> tuple[list[Prompt], list[str | None]]:
+    """``load_prompts``, and each row's own teacher: the name its ``teacher_field`` holds, or
+    ``None`` (no field, ``null``, or ``teacher_field`` empty) for a row the schedule routes.
+
+    With ``teachers`` given, a row naming another teacher is an error that names its line, as is
+    a value that is not a teacher name.
+    """
     if path is None:
-        return list(DEFAULT_PROMPTS)
+        return list(DEFAULT_PROMPTS), [None] * len(DEFAULT_PROMPTS)
     prompts: list[Prompt] = []
+    routes: list[str | None] = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -98,9 +130,22 @@ def load_prompts(path: Path | None) -> list[Prompt]:
             prompts.append(item["messages"])
         else:
             raise ValueError(f"{path}:{number}: needs 'prompt' (text) or 'messages' (a list)")
+        requested = item.get(teacher_field) if teacher_field else None
+        if requested is not None:
+            try:
+                check_teacher_name(requested, f"'{teacher_field}'")
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
+            if teachers and requested not in teachers:
+                raise ValueError(
+                    f"{path}:{number}: '{teacher_field}' routes the prompt to teacher "
+                    f"{requested!r}, which is not among the teachers {list(teachers)}: add it "
+                    "to --teachers or change the row"
+                )
+        routes.append(requested)
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
-    return prompts
+    return prompts, routes
 
 
 class PromptStream:
@@ -122,12 +167,45 @@ class PromptStream:
 
     def take(self, count: int) -> list[Prompt]:
         """The next ``count`` prompts."""
+        return [self.prompts[index] for _, index in self.take_indexed(count)]
+
+    def take_indexed(self, count: int) -> list[tuple[int, int]]:
+        """The next ``count`` prompts as (stream position, index into ``prompts``) pairs: what
+        routing by the prompt's position or by its row needs."""
         out = []
         for _ in range(count):
             epoch, index = divmod(self.position, len(self.prompts))
-            out.append(self.prompts[self._order(epoch)[index]])
+            out.append((self.position, self._order(epoch)[index]))
             self.position += 1
         return out
+
+
+def take_routed_batch(
+    stream: PromptStream,
+    router: TeacherRouter,
+    row_teachers: Sequence[str | None],
+    batch_size: int,
+    world: int = 1,
+    rank: int = 0,
+) -> list[tuple[int, str | None, bool]]:
+    """This rank's prompts of the next step, each as (index into the stream's prompts, its
+    teacher, whether its row chose that teacher rather than the schedule).
+
+    Every rank takes the whole step's ``batch_size * world`` prompts from the stream and keeps
+    its slice, so positions, and with them the routing, are those of a single-rank run. The
+    round-robin step is the stream position over the step's size: a resumed run (whose stream
+    restarts at the saved position) routes as if it had never stopped.
+    """
+    step_index = stream.position // (batch_size * world)
+    taken = stream.take_indexed(batch_size * world)[rank::world]
+    return [
+        (
+            index,
+            router.route(step_index, position, row_teachers[index]),
+            row_teachers[index] is not None,
+        )
+        for position, index in taken
+    ]
 
 
 # -- one step's loss -------------------------------------------------------------------------------
@@ -228,7 +306,12 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class TrainSummary:
-    """What a run did: steps, tokens, time waiting on the teacher, final metrics, files."""
+    """What a run did: steps, tokens, time waiting on the teacher, final metrics, files.
+
+    ``teachers`` holds each teacher's totals by name (``sequences``, ``by_field``: of those, the
+    ones the prompt row routed itself, ``student_tokens``, ``teacher_tokens``, ``teacher_flops``),
+    the service's default teacher under its name or ``default``; under ``torchrun``, rank 0's.
+    """
 
     steps: int
     student_tokens: int
@@ -236,9 +319,10 @@ class TrainSummary:
     teacher_flops: int
     teacher_wait_s: float
     elapsed_s: float
-    final_metrics: dict[str, float]
+    final_metrics: dict[str, Any]
     metrics_path: Path
     checkpoint_path: Path
+    teachers: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _distributed() -> tuple[int, int]:
@@ -282,8 +366,8 @@ def _metrics_writer(path: Path, keep_below_step: int, enabled: bool) -> Iterator
             stream.write(json.dumps(record) + "\n")
             stream.flush()
             if board is not None:
-                for name, value in record.items():
-                    if name != "step" and isinstance(value, int | float):
+                for name, value in _scalars(record):
+                    if name != "step":
                         board.add_scalar(name, value, record["step"])
                 board.flush()
 
@@ -292,6 +376,15 @@ def _metrics_writer(path: Path, keep_below_step: int, enabled: bool) -> Iterator
         finally:
             if board is not None:
                 board.close()
+
+
+def _scalars(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """The numbers of a metrics record, nested records as ``teachers/NAME/sequences``."""
+    for name, value in record.items():
+        if isinstance(value, Mapping):
+            yield from _scalars(value, f"{prefix}{name}/")
+        elif isinstance(value, int | float):
+            yield prefix + name, value
 
 
 def _tensorboard(folder: Path) -> Any:
@@ -324,16 +417,20 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: min(1.0, (step + 1) / warmup)
     )
-    all_prompts = load_prompts(cfg.prompts)
-    eval_prompts = all_prompts[: cfg.eval_prompts] if len(all_prompts) > cfg.eval_prompts else []
-    train_prompts = all_prompts[len(eval_prompts) :]
+    all_prompts, all_routes = load_routed_prompts(cfg.prompts, cfg.teacher_field, cfg.teachers)
+    held_out = cfg.eval_prompts if len(all_prompts) > cfg.eval_prompts else 0
+    eval_prompts, train_prompts = all_prompts[:held_out], all_prompts[held_out:]
+    eval_routes, train_routes = all_routes[:held_out], all_routes[held_out:]
     # Each rank reads its own slice of every step's prompts: positions interleave by rank.
     stream = PromptStream(train_prompts, cfg.seed)
+    router = TeacherRouter(cfg.teachers, cfg.teacher_schedule, cfg.teacher_weights, cfg.seed)
     out_dir = cfg.out_dir
     checkpoint_path = out_dir / CHECKPOINT
     step = 0
     pending_states: list[dict[str, Any]] = []
-    totals = {"student_tokens": 0, "teacher_tokens": 0, "teacher_flops": 0, "teacher_wait_s": 0.0}
+    totals: dict[str, Any] = {
+        "student_tokens": 0, "teacher_tokens": 0, "teacher_flops": 0, "teacher_wait_s": 0.0,
+    }  # fmt: skip
     if cfg.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -346,46 +443,68 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
         totals = state["totals"]
     elif cfg.resume:
         raise FileNotFoundError(f"--resume given but {checkpoint_path} does not exist")
+    by_teacher: dict[str, dict[str, int]] = totals.setdefault("teachers", {})
 
-    teacher = SyncTeacherClient(
-        TeacherClientConfig(urls=cfg.teacher_urls, api_key=cfg.api_key, top_k=cfg.top_k),
-        student_tokenizer=tokenizer,
-    )
+    teachers = _Teachers.start(cfg, tokenizer, {r for r in all_routes if r is not None})
     try:
-        teacher.start()
+        sampler, close_sampler = _sampler(cfg, tokenizer)
     except BaseException:
-        teacher.close()
+        teachers.close()
         raise
-    sampler, close_sampler = _sampler(cfg, tokenizer)
     vocab = build_vocab(tokenizer) if cfg.loss == "sft" else None
     started = time.perf_counter()
-    last: dict[str, float] = {}
+    last: dict[str, Any] = {}
     pipeline: deque[_Pending] = deque()
 
-    def submit(rollout: Rollout, seed: int) -> _Pending:
+    def submit_part(rollout: Rollout, seed: int, name: str, indexes: list[int]) -> Future[Any]:
+        client = teachers.clients[name]
         if cfg.loss == "sft":
             # The teacher writes the completions; the student's tokens of them are the rollout.
-            prompts = [wire_prompt(p) for p in rollout.prompts]
-            return _Pending(
-                rollout, teacher.submit_generate(prompts, cfg.max_new_tokens, seed=seed), seed
-            )
-        return _Pending(rollout, teacher.submit_score(rollout.score_sequences()), seed)
+            # Prompt i of the batch is sampled with seed + i when one teacher takes the batch.
+            prompts = [wire_prompt(rollout.prompts[i]) for i in indexes]
+            return client.submit_generate(prompts, cfg.max_new_tokens, seed=seed + indexes[0])
+        sequences = rollout.score_sequences()
+        return client.submit_score([sequences[i] for i in indexes])
+
+    def submit(
+        rollout: Rollout, seed: int, routes: Sequence[str], fielded: Sequence[bool]
+    ) -> _Pending:
+        groups = _groups(routes)
+        futures = {name: submit_part(rollout, seed, name, idx) for name, idx in groups.items()}
+        return _Pending(rollout, seed, tuple(routes), tuple(fielded), futures)
 
     def new_rollout() -> _Pending:
         seed = cfg.seed * 1_000_003 + stream.position
-        prompts = stream.take(cfg.batch_size * world)[rank::world]
+        taken = take_routed_batch(stream, router, train_routes, cfg.batch_size, world, rank)
+        prompts = [train_prompts[index] for index, _, _ in taken]
+        routes = [teachers.name(route) for _, route, _ in taken]
+        fielded = [by_field for _, _, by_field in taken]
         if cfg.loss == "sft":
-            return submit(Rollout(prompts, [], [], []), seed)
+            return submit(Rollout(prompts, [], [], []), seed, routes, fielded)
         rollout = sampler(
             model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
         )  # fmt: skip
-        return submit(rollout, seed)
+        return submit(rollout, seed, routes, fielded)
 
     # Rollouts that were in the pipeline when the checkpoint was written: scored again (the
-    # teacher is deterministic), never sampled again, so no step is lost or repeated.
+    # teacher is deterministic) by the teachers they were routed to, never sampled again, so
+    # no step is lost or repeated.
     for saved in pending_states:
-        pipeline.append(submit(Rollout.from_state(saved["rollout"]), saved["seed"]))
+        rollout = Rollout.from_state(saved["rollout"])
+        count = len(rollout.prompts)
+        # Checkpoints from before named teachers: everything went to the default teacher.
+        routes = [teachers.known(n) for n in saved.get("routes", [None] * count)]
+        fielded = saved.get("fielded", [False] * count)
+        pipeline.append(submit(rollout, saved["seed"], routes, fielded))
+    # Held-out prompts that name no teacher are spread over the teachers in turn, whatever the
+    # schedule: each teacher's distance to the student is then measured on some of them.
+    eval_names = [
+        teachers.name(
+            r if r is not None or not cfg.teachers else cfg.teachers[i % len(cfg.teachers)]
+        )
+        for i, r in enumerate(eval_routes)
+    ]
 
     progress = None
     if cfg.progress and rank == 0:
@@ -402,7 +521,7 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
                 pending = pipeline.popleft()
                 rollout = pending.rollout
                 waited = time.perf_counter()
-                answer = _answer(pending, submit, cfg.teacher_resubmits, totals)
+                answer = _answer(pending, submit_part, cfg.teacher_resubmits, totals)
                 wait_s = time.perf_counter() - waited
                 teacher_tokens = _usage_tokens(answer)
                 if cfg.loss == "sft":
@@ -418,6 +537,11 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
                 scheduler.step()
                 step += 1
                 step_s = time.perf_counter() - step_started
+                per_teacher = _per_teacher(pending, answer, rollout)
+                for name, record in per_teacher.items():
+                    kept = by_teacher.setdefault(name, {})
+                    for key in _TEACHER_TOTALS:
+                        kept[key] = kept.get(key, 0) + int(record[key])
                 totals["student_tokens"] += rollout.tokens
                 totals["teacher_tokens"] += teacher_tokens
                 totals["teacher_flops"] = totals.get("teacher_flops", 0) + _usage_flops(answer)
@@ -439,9 +563,10 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
                     "teacher_resubmits_total": totals.get("resubmits", 0),
                     **{
                         f"teacher_{name}_total": float(value)
-                        for name, value in teacher.stats.as_dict().items()
+                        for name, value in teachers.stats().items()
                         if name in ("retries", "failovers", "reregistrations")
                     },
+                    "teachers": per_teacher,
                 }
                 evaluate = step % cfg.eval_every == 0 or step == cfg.steps
                 if rank == 0 and evaluate:
@@ -450,10 +575,11 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
                             evaluate_reverse_kl(
                                 model,
                                 tokenizer,
-                                teacher,
+                                teachers.clients,
                                 eval_prompts,
                                 cfg.max_new_tokens,
                                 cfg.seed,
+                                routes=eval_names,
                             )
                         )
                     if extra_eval is not None:
@@ -474,8 +600,9 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
         if progress is not None:
             progress.close()
         for pending in pipeline:
-            pending.future.cancel()
-        teacher.close()
+            for future in pending.futures.values():
+                future.cancel()
+        teachers.close()
         close_sampler()
     return TrainSummary(
         steps=step,
@@ -487,6 +614,7 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
         final_metrics=last,
         metrics_path=out_dir / METRICS,
         checkpoint_path=checkpoint_path,
+        teachers={name: dict(values) for name, values in by_teacher.items()},
     )
 
 
@@ -509,29 +637,199 @@ def _sampler(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any]:
     return engine.sample, engine.close
 
 
+#: The per-teacher counts a run adds up (``TrainSummary.teachers``).
+_TEACHER_TOTALS = ("sequences", "by_field", "student_tokens", "teacher_tokens", "teacher_flops")
+
+
+class _Teachers:
+    """One started client per teacher the run uses, by name.
+
+    With no ``--teachers``, the service's default teacher is one of them, under the name the
+    service gives it (``DEFAULT_TEACHER`` when it gives none); prompts that name another teacher
+    in their row get a client of their own.
+    """
+
+    def __init__(self, clients: dict[str, SyncTeacherClient], default: str | None) -> None:
+        self.clients = clients
+        #: The name of the client of the service's default teacher (None with ``--teachers``).
+        self.default = default
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, tokenizer: Any, requested: set[str]) -> _Teachers:
+        """Start the clients of ``cfg.teachers`` (or the default teacher) and of the teachers
+        prompt rows ``requested``; nothing is left open when one fails."""
+        clients: dict[str, SyncTeacherClient] = {}
+
+        def started(name: str | None) -> SyncTeacherClient:
+            client = SyncTeacherClient(
+                TeacherClientConfig(
+                    urls=cfg.teacher_urls, api_key=cfg.api_key, top_k=cfg.top_k, teacher=name
+                ),
+                student_tokenizer=tokenizer,
+            )
+            try:
+                client.start()
+            except BaseException:
+                client.close()
+                raise
+            return client
+
+        default = None
+        try:
+            for name in cfg.teachers:
+                clients[name] = started(name)
+            if not cfg.teachers:
+                client = started(None)
+                default = client.teacher_name or DEFAULT_TEACHER
+                clients[default] = client
+            for name in sorted(requested - set(clients)):
+                clients[name] = started(name)
+        except BaseException:
+            for client in clients.values():
+                client.close()
+            raise
+        return cls(clients, default)
+
+    def name(self, route: str | None) -> str:
+        """The client name of a route (``None``: the service's default teacher)."""
+        if route is None:
+            if self.default is None:
+                raise AssertionError("a prompt without a teacher in a run with --teachers")
+            return self.default
+        return route
+
+    def known(self, name: str | None) -> str:
+        """The client name of a route saved in a checkpoint; a run without ``--teachers`` sends
+        the routes it does not know (a checkpoint from before named teachers) to its default."""
+        if name in self.clients:
+            return name
+        if self.default is not None:
+            return self.default
+        raise ValueError(
+            f"the checkpoint routes prompts to teacher {name!r}, which this run does not use "
+            f"(teachers {sorted(self.clients)}): resume with the same --teachers"
+        )
+
+    def stats(self) -> dict[str, float]:
+        """The clients' counters (``ClientStats.as_dict``) added up."""
+        out: dict[str, float] = {}
+        for client in self.clients.values():
+            for key, value in client.stats.as_dict().items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    def close(self) -> None:
+        """Close every client."""
+        for client in self.clients.values():
+            client.close()
+
+
+def _groups(routes: Sequence[str]) -> dict[str, list[int]]:
+    """The batch positions of each teacher's prompts, teachers in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(routes):
+        groups.setdefault(name, []).append(index)
+    return groups
+
+
 @dataclass(frozen=True)
 class _Pending:
-    """A rollout in the pipeline, its teacher call in flight, and the seed that call used."""
+    """A rollout in the pipeline, the teacher of each of its prompts (and whether the prompt's
+    row chose it), one teacher call in flight per teacher, and the seed the calls used."""
 
     rollout: Rollout
-    future: Future[Any]
     seed: int
+    routes: tuple[str, ...]
+    fielded: tuple[bool, ...]
+    #: By teacher; a call resent after it was lost replaces its entry.
+    futures: dict[str, Future[Any]]
 
 
-def _answer(pending: _Pending, submit: Any, resubmits: int, totals: dict[str, Any]) -> Any:
-    """The teacher's answer for ``pending``; a call lost with the teacher (killed mid-request,
+@dataclass(frozen=True)
+class _Answer:
+    """A batch's teacher answers in batch order (``sequences`` from score, ``completions`` from
+    generate), their usage added up, and each teacher's own answer in ``parts``."""
+
+    sequences: list[ScoredSequence]
+    completions: list[Completion]
+    usage: dict[str, float]
+    parts: dict[str, ScoreResult | GenerateResult]
+
+
+def _merge(groups: Mapping[str, list[int]], parts: Mapping[str, Any], count: int) -> _Answer:
+    """Each teacher's answer put back at its prompts' batch positions."""
+    sequences: list[Any] = [None] * count
+    completions: list[Any] = [None] * count
+    usage: dict[str, float] = {}
+    for name, indexes in groups.items():
+        part = parts[name]
+        items = part.sequences if isinstance(part, ScoreResult) else part.completions
+        target = sequences if isinstance(part, ScoreResult) else completions
+        for index, item in zip(indexes, items, strict=True):
+            target[index] = item
+        for key, value in (part.usage or {}).items():
+            usage[key] = usage.get(key, 0) + value
+    return _Answer(
+        [s for s in sequences if s is not None],
+        [c for c in completions if c is not None],
+        usage,
+        dict(parts),
+    )
+
+
+def _answer(
+    pending: _Pending,
+    submit_part: Callable[[Rollout, int, str, list[int]], Future[Any]],
+    resubmits: int,
+    totals: dict[str, Any],
+) -> _Answer:
+    """The teachers' answers for ``pending``; a call lost with its teacher (killed mid-request,
     restarted) is sent again, since the teacher's answer does not depend on which call gets it.
     Nothing is sampled again, so no step is lost or repeated."""
-    for attempt in range(resubmits + 1):
-        try:
-            return pending.future.result()
-        except TeacherUnavailableError:
-            if attempt == resubmits:
-                raise
-            time.sleep(min(30.0, 2.0**attempt))
-            totals["resubmits"] = totals.get("resubmits", 0) + 1
-            pending = submit(pending.rollout, pending.seed)
-    raise AssertionError("unreachable")
+    groups = _groups(pending.routes)
+    parts: dict[str, Any] = {}
+    for name, indexes in groups.items():
+        for attempt in range(resubmits + 1):
+            try:
+                parts[name] = pending.futures[name].result()
+                break
+            except TeacherUnavailableError:
+                if attempt == resubmits:
+                    raise
+                time.sleep(min(30.0, 2.0**attempt))
+                totals["resubmits"] = totals.get("resubmits", 0) + 1
+                pending.futures[name] = submit_part(pending.rollout, pending.seed, name, indexes)
+    return _merge(groups, parts, len(pending.routes))
+
+
+def _per_teacher(pending: _Pending, answer: _Answer, rollout: Rollout) -> dict[str, dict[str, Any]]:
+    """What each teacher did for one step: sequences (``by_field``: routed by their own row),
+    the student's tokens, the teacher's tokens and FLOPs, and for scoring the mean teacher
+    log-prob and sampled-token reverse KL per student token (finite positions)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, indexes in _groups(pending.routes).items():
+        part = answer.parts[name]
+        record: dict[str, Any] = {
+            "sequences": len(indexes),
+            "by_field": sum(pending.fielded[i] for i in indexes),
+            "student_tokens": sum(len(rollout.completion_ids[i]) for i in indexes),
+            "teacher_tokens": _usage_tokens(part),
+            "teacher_flops": _usage_flops(part),
+        }
+        if isinstance(part, ScoreResult):
+            teacher_sum, gap, positions = 0.0, 0.0, 0
+            for index, scored in zip(indexes, part.sequences, strict=True):
+                finite = np.isfinite(scored.logprobs_S)
+                teacher_sum += float(scored.logprobs_S[finite].sum())
+                gap += float(
+                    (rollout.old_logprobs[index][finite] - scored.logprobs_S[finite]).sum()
+                )
+                positions += int(finite.sum())
+            if positions:
+                record["teacher_logprob_per_token"] = teacher_sum / positions
+                record["reverse_kl_per_token"] = gap / positions
+        out[name] = record
+    return out
 
 
 def _gather(value: Any, world: int) -> list[Any]:
@@ -548,7 +846,15 @@ def _checkpoint(
     pipeline: deque[_Pending], totals: dict[str, Any], rank: int, world: int,
 ) -> None:  # fmt: skip
     """Write the checkpoint (rank 0), with every rank's RNG, data position and pipeline."""
-    pending = [{"rollout": p.rollout.to_state(), "seed": p.seed} for p in pipeline]
+    pending = [
+        {
+            "rollout": p.rollout.to_state(),
+            "seed": p.seed,
+            "routes": list(p.routes),
+            "fielded": list(p.fielded),
+        }
+        for p in pipeline
+    ]
     per_rank = _gather(
         {"rng": _rng_state(), "position": stream.position, "pending": pending}, world
     )
@@ -605,14 +911,30 @@ def _teacher_rollout(tokenizer: Any, vocab: Vocab, prompts: list[Prompt], answer
 def evaluate_reverse_kl(
     model: Any,
     tokenizer: Any,
-    teacher: SyncTeacherClient,
+    teacher: SyncTeacherClient | Mapping[str, SyncTeacherClient],
     prompts: list[Prompt],
     max_new_tokens: int,
     seed: int,
+    routes: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Reverse KL to the teacher per token and per byte on held-out ``prompts``: the student's
     own samples (seeded, temperature 1), scored by the teacher. The caller's random state is
-    left as it was, so evaluating never shifts a training run's randomness."""
+    left as it was, so evaluating never shifts a training run's randomness.
+
+    ``teacher`` may be several clients by name, with ``routes`` naming each prompt's teacher:
+    the totals then cover every prompt against its own teacher, and when more than one teacher
+    took part each adds ``eval_reverse_kl_per_token@NAME`` and ``eval_reverse_kl_per_byte@NAME``.
+    """
+    clients = dict(teacher) if isinstance(teacher, Mapping) else {"": teacher}
+    if routes is None:
+        if len(clients) != 1:
+            raise ValueError("routes must name each prompt's teacher when several are given")
+        routes = [next(iter(clients))] * len(prompts)
+    if len(routes) != len(prompts) or not set(routes) <= set(clients):
+        raise ValueError(
+            f"routes must name one of the teachers {sorted(clients)} for each of the "
+            f"{len(prompts)} prompts; got {list(routes)}"
+        )
     state = _rng_state()
     try:
         rollout = sample(
@@ -621,17 +943,33 @@ def evaluate_reverse_kl(
         )  # fmt: skip
     finally:
         _set_rng_state(state)
-    answer = teacher.score(rollout.score_sequences())
+    sequences = rollout.score_sequences()
+    groups = _groups(routes)
+    # Every teacher's share is in flight at once; each is then read in turn.
+    futures = {
+        name: clients[name].submit_score([sequences[i] for i in indexes])
+        for name, indexes in groups.items()
+    }
+    out: dict[str, float] = {}
     gap, tokens, total_bytes = 0.0, 0, 0
-    for old, scored in zip(rollout.old_logprobs, answer.sequences, strict=True):
-        finite = np.isfinite(scored.logprobs_S)
-        gap += float((old[finite] - scored.logprobs_S[finite]).sum())
-        tokens += int(finite.sum())
-        total_bytes += int(scored.alignment.get("total_bytes", 0))
+    for name, indexes in groups.items():
+        answer = futures[name].result()
+        part_gap, part_tokens, part_bytes = 0.0, 0, 0
+        for index, scored in zip(indexes, answer.sequences, strict=True):
+            old = rollout.old_logprobs[index]
+            finite = np.isfinite(scored.logprobs_S)
+            part_gap += float((old[finite] - scored.logprobs_S[finite]).sum())
+            part_tokens += int(finite.sum())
+            part_bytes += int(scored.alignment.get("total_bytes", 0))
+        gap, tokens, total_bytes = gap + part_gap, tokens + part_tokens, total_bytes + part_bytes
+        if len(groups) > 1:
+            out[f"eval_reverse_kl_per_token@{name}"] = part_gap / max(1, part_tokens)
+            out[f"eval_reverse_kl_per_byte@{name}"] = part_gap / max(1, part_bytes)
     return {
         "eval_reverse_kl_per_token": gap / max(1, tokens),
         "eval_reverse_kl_per_byte": gap / max(1, total_bytes),
         "eval_student_logprob_per_token": float(
             sum(o.sum() for o in rollout.old_logprobs) / max(1, rollout.tokens)
         ),
+        **out,
     }

@@ -83,8 +83,8 @@ def test_token_quota_refuses_one_key_and_not_the_other(teacher_dir, tmp_path):
     }
     text = metrics.text
     assert f'tokenbridge_quota_refusals_total{{key_id="{sha256(KEY_A)[:8]}"}} 1.0' in text
-    key_b = sha256(KEY_B)[:8]
-    assert f'tokenbridge_key_teacher_tokens_total{{key_id="{key_b}",teacher="default"}} {used}.0' in text
+    labels = f'key_id="{sha256(KEY_B)[:8]}",teacher="default"'
+    assert f"tokenbridge_key_teacher_tokens_total{{{labels}}} {used}.0" in text
     assert KEY_A not in text and KEY_B not in text
 
 
