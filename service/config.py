@@ -6,7 +6,7 @@ the same keys. Environment variables are read only by the command-line entry poi
 One service may host several teachers. Each is named: ``--teacher NAME=PATH_OR_HUB`` (repeated; a
 bare ``--teacher PATH_OR_HUB`` names it ``default``) or a ``[[teachers]]`` table of the TOML file.
 The engine, device and limit fields below (``TEACHER_KEYS``) are every teacher's defaults; a
-teacher overrides them with ``--teacher-option NAME.KEY=VALUE`` or keys of its table.
+teacher overrides them with ``--teacher-options NAME.KEY=VALUE`` or keys of its table.
 ``teacher_configs()`` gives each teacher's own resolved ``ServiceConfig``.
 """
 
@@ -348,19 +348,19 @@ class ServiceConfig:
             name, dot, key = target.strip().partition(".")
             if not dot or not equals or key not in TEACHER_KEYS:
                 problems.append(
-                    f"--teacher-option {option!r}: write NAME.KEY=VALUE with KEY one of "
+                    f"--teacher-options {option!r}: write NAME.KEY=VALUE with KEY one of "
                     f"{', '.join(TEACHER_KEYS)}"
                 )
             elif name not in specs:
                 problems.append(
-                    f"--teacher-option {option!r}: no teacher {name!r} (teachers: "
+                    f"--teacher-options {option!r}: no teacher {name!r} (teachers: "
                     f"{sorted(specs) or 'none'})"
                 )
             else:
                 try:
                     specs[name][key] = _option_value(key, value.strip())
                 except ValueError as error:
-                    problems.append(f"--teacher-option {option!r}: {error}")
+                    problems.append(f"--teacher-options {option!r}: {error}")
         if self.default_teacher and self.default_teacher not in specs:
             problems.append(
                 f"default_teacher {self.default_teacher!r} is not a teacher (teachers: "
@@ -429,7 +429,7 @@ def _split_teacher(entry: str) -> tuple[str, str, str]:
 
 
 def _option_value(key: str, text: str) -> Any:
-    """``--teacher-option`` text as the type of the ``ServiceConfig`` field ``key``."""
+    """``--teacher-options`` text as the type of the ``ServiceConfig`` field ``key``."""
     kind = {f.name: f.type for f in fields(ServiceConfig)}[key]
     try:
         if "tuple" in str(kind):
