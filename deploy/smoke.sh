@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Smoke test of the deployment on a machine with Docker (no GPU needed): builds the CPU images,
-# brings up deploy/compose.cpu.yml (tiny teacher, two students of other families), waits for the
-# teacher to be healthy, checks /readyz and /v1/info with the key (and a refusal without it), lets
-# both students train a few steps, restarts one to check that --resume continues its run, then
-# tears everything down (volumes included).
+# brings up deploy/compose.cpu.yml (one teacher service hosting two tiny teachers, math and code,
+# of two families; two students of other families), waits for the teacher service to be healthy
+# (every teacher ready), checks /readyz (each teacher's too) and /v1/info with the key (and a
+# refusal without it), lets both students train a few steps against both teachers, checks that
+# each teacher scored, restarts one student to check that --resume continues its run, then tears
+# everything down (volumes included).
 #
 # Usage: deploy/smoke.sh
 # Environment: SMOKE_PORT (host port of the teacher, 18000), SMOKE_PROJECT (compose project name),
@@ -115,16 +117,27 @@ http_status() {
 
 log "building the CPU images (teacher and trainer)"
 compose build
-log "starting the teacher (after its tiny model is built)"
+log "starting the teacher service (after its tiny models are built)"
 compose up -d teacher
 wait_healthy teacher "$HEALTH_TIMEOUT"
 
 [[ "$(http_status /healthz nokey)" == 200 ]] || fail "/healthz did not answer 200"
 [[ "$(http_status /readyz)" == 200 ]] || fail "/readyz with the key did not answer 200"
 [[ "$(http_status /readyz nokey)" == 401 ]] || fail "/readyz without a key was not refused (401)"
-info="$(curl -sf -H "Authorization: Bearer ${TOKENBRIDGE_API_KEY}" "${BASE_URL}/v1/info")" \
-    || fail "/v1/info with the key failed"
+# JSON asked for: without an Accept header the service answers msgpack.
+info="$(curl -sf -H "Authorization: Bearer ${TOKENBRIDGE_API_KEY}" \
+    -H "Accept: application/json" "${BASE_URL}/v1/info")" || fail "/v1/info with the key failed"
 [[ "$info" == *'"max_top_k"'* ]] || fail "/v1/info does not describe the teacher: $info"
+[[ "$info" == *'"default_teacher":"math"'* && "$info" == *'"teachers":['* ]] \
+    || fail "/v1/info does not describe the teachers: $info"
+for teacher in math code; do
+    [[ "$(http_status "/readyz?teacher=${teacher}")" == 200 ]] \
+        || fail "/readyz?teacher=${teacher} did not answer 200"
+    [[ "$info" == *"\"name\":\"${teacher}\""* ]] \
+        || fail "/v1/info does not list teacher ${teacher}: $info"
+done
+[[ "$(http_status "/readyz?teacher=no-such-teacher")" == 404 ]] \
+    || fail "/readyz?teacher=no-such-teacher did not answer 404"
 log "/readyz and /v1/info answer: ${info:0:200}"
 
 log "training both students (${STUDENT_STEPS} steps each)"
@@ -134,6 +147,12 @@ wait_exited student-b "$TRAIN_TIMEOUT"
 for service in student-a student-b; do
     log_has "$service" "trained ${STUDENT_STEPS} steps" \
         || fail "$service did not report ${STUDENT_STEPS} trained steps"
+done
+metrics="$(curl -sf -H "Authorization: Bearer ${TOKENBRIDGE_API_KEY}" "${BASE_URL}/metrics")" \
+    || fail "/metrics with the key failed"
+for teacher in math code; do
+    grep -qE "^tokenbridge_teacher_tokens_total\{[^}]*teacher=\"${teacher}\"[^}]*\} [1-9]" \
+        <<<"$metrics" || fail "teacher ${teacher} scored nothing for the students"
 done
 
 log "restarting student-a for one more step: it must resume from its checkpoint"

@@ -2,10 +2,12 @@
 machines): what ``deploy/compose.cpu.yml`` runs, as ``docker-compose config`` resolves it, with each
 volume mapped to a folder and the teacher's port to a free one.
 
-Its three one-shot services build the tiny models, its teacher serves them and turns healthy for
-``deploy/healthcheck.py`` (with the key, and without it through ``/healthz``'s state), and both
-students train through the trainer image's entry point (``deploy/entrypoint.py``): a first start
-with ``--resume`` begins a new run, a restart with more steps resumes it. That is what
+Its one-shot services build the tiny models, its teacher service hosts two of them (``math`` and
+``code``, two tokenizer families) and turns healthy for ``deploy/healthcheck.py`` as compose asks
+(every teacher ready; with the key, and without it through ``/healthz``'s state), and both
+students train through the trainer image's entry point (``deploy/entrypoint.py``) against both
+teachers (one in turn, one mixed): a first start with ``--resume`` begins a new run, a restart with
+more steps resumes it, and the service has scored tokens with each teacher. That is what
 ``deploy/smoke.sh`` checks on a machine with Docker.
 """
 
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tokenbridge.cli import main as tokenbridge_main
@@ -30,13 +33,15 @@ pytestmark = pytest.mark.slow
 
 def host_argv(service: dict[str, Any], volumes: Path, port: int) -> list[str]:
     """The service's command with every path inside a mounted volume moved to ``volumes/NAME``
-    and the teacher's address to 127.0.0.1:``port``."""
+    (a bind mount's paths to its host folder) and the teacher's address to 127.0.0.1:``port``."""
     mounts = volume_mounts(service)
     argv = []
     for arg in map(str, service["command"]):
+        # A path may stand alone or be the value of NAME=PATH (``--teacher math=/models/...``).
+        name, equals, value = arg.rpartition("=")
         for target, source in sorted(mounts.items(), key=lambda m: -len(m[0])):
-            if arg == target or arg.startswith(target + "/"):
-                arg = str(volumes / source) + arg[len(target) :]
+            if value == target or value.startswith(target + "/"):
+                arg = name + equals + str(volumes / source) + value[len(target) :]
                 break
         argv.append(arg.replace("http://teacher:8000", f"http://127.0.0.1:{port}"))
     return argv
@@ -73,10 +78,24 @@ def test_cpu_variant_commands_serve_and_train_and_resume(tmp_path, monkeypatch):
     headers = {"authorization": f"Bearer {KEY}"}
     with serve_process(serve_args, tmp_path, port=port, env=env, headers=headers) as (url, _, _):
         health = load_script("healthcheck")
+        # The compose health check as the container runs it, against the real service.
+        test = teacher["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "tokenbridge-healthcheck"]
+        command = [sys.executable, str(DEPLOY / "healthcheck.py"), *test[2:], "--url", url]
+        run = subprocess.run(
+            command, capture_output=True, text=True, timeout=60,
+            env={"PATH": os.environ.get("PATH", ""), "TOKENBRIDGE_API_KEYS": KEY},
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "every teacher ready" in run.stdout
         healthy, reason = health.check(url, False, KEY, 10.0)
         assert healthy and reason.startswith("/readyz answered 200")
-        healthy, reason = health.check(url, False, None, 10.0)
+        healthy, reason = health.check(url, False, None, 10.0, health.ALL)
         assert healthy and "state ready" in reason
+        healthy, reason = health.check(url, False, KEY, 10.0, ["math", "code"])
+        assert healthy, reason
+        healthy, reason = health.check(url, False, KEY, 10.0, ["maths"])
+        assert not healthy and "no such teacher" in reason
 
         student_a = host_argv(services["student-a"], volumes, port)
         first = train(student_a, 2, tmp_path)
@@ -90,6 +109,17 @@ def test_cpu_variant_commands_serve_and_train_and_resume(tmp_path, monkeypatch):
         other = train(student_b, 2, tmp_path)
         assert other.returncode == 0, other.stderr[-3000:]
         assert "trained 2 steps" in other.stdout
+
+        # Both teachers scored for the students.
+        metrics = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+        for name in ("math", "code"):
+            scored = [
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("tokenbridge_teacher_tokens_total{")
+                and f'teacher="{name}"' in line
+            ]
+            assert sum(scored) > 0, f"teacher {name} scored nothing:\n{metrics[-3000:]}"
     # Each student wrote its run into its own volume.
     for name in ("student-a-runs", "student-b-runs"):
         assert (volumes / name / "checkpoint.pt").is_file()

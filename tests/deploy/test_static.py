@@ -2,7 +2,9 @@
 
 - ``docker-compose config`` accepts the compose files with every profile, and the parsed result has
   what the deployment promises (GPU reservation, long health start period, persistent volumes,
-  two students of different families that wait for a healthy teacher and resume);
+  two students of different families that wait for a healthy teacher and resume; one teacher
+  service hosting two teachers of two families, each on GPUs of its own inside the container's
+  reservation, healthy only when every teacher is ready, and students that use both);
 - hadolint passes every Dockerfile, kubernetes-validate every manifest (against real schemas),
   shellcheck the smoke script, ``caddy validate`` the proxy's config;
 - nothing can drift: every ``tokenbridge`` command in compose files, manifests and Dockerfiles
@@ -268,11 +270,71 @@ def named_volume(service: dict[str, Any], target: str) -> str:
     return mounts[target]
 
 
-#: Model families by a name's telltale part, most specific first (hub names of students).
+def host_path(service: dict[str, Any], path: str) -> Path:
+    """Where a path inside a compose service's container lies on the host (a bind mount's)."""
+    for target, source in sorted(volume_mounts(service).items(), key=lambda m: -len(m[0])):
+        if path == target or path.startswith(target + "/"):
+            assert source.startswith("/"), f"{path} is in the named volume {source}"
+            return Path(source + path[len(target) :])
+    raise AssertionError(f"nothing is mounted over {path}: {volume_mounts(service)}")
+
+
+def reserved_gpus(service: dict[str, Any]) -> list[str]:
+    """The host GPU ids a compose service reserves (an entry may hold several: "0,1")."""
+    ids = []
+    for device in service["deploy"]["resources"]["reservations"]["devices"]:
+        for entry in device["device_ids"]:
+            ids += [part.strip() for part in str(entry).split(",") if part.strip()]
+    return ids
+
+
+def check_gpu_placement(origin: str, config: ServiceConfig, gpus: int) -> None:
+    """Each teacher of a serve command runs on GPUs of its own among the ``gpus`` its container
+    gets (indices 0 .. gpus - 1 inside it), as many as its parallelism needs; together they use
+    every one of them."""
+    used: list[int] = []
+    for name, teacher in config.teacher_configs().items():
+        assert teacher.backend == "vllm", f"{origin}: teacher {name} runs on {teacher.backend}"
+        world = teacher.tensor_parallel_size * teacher.pipeline_parallel_size
+        assert len(teacher.devices) == world, (
+            f"{origin}: teacher {name} needs {world} GPUs and names devices {teacher.devices}"
+        )
+        outside = [d for d in teacher.devices if not 0 <= d < gpus]
+        assert not outside, (
+            f"{origin}: teacher {name} names devices {outside} outside the {gpus} GPUs reserved"
+        )
+        used += teacher.devices
+    assert len(used) == len(set(used)), f"{origin}: teachers share GPUs: {sorted(used)}"
+    assert sorted(used) == list(range(gpus)), (
+        f"{origin}: {gpus} GPUs are reserved, the teachers use {sorted(used)}"
+    )
+
+
+def healthcheck_wants(test: list[str]) -> str | list[str]:
+    """What a ``tokenbridge-healthcheck`` command checks, parsed by the script's own parser: the
+    script's ``ANY`` (some teacher ready), ``ALL`` (every one), or the names it requires."""
+    health = load_script("healthcheck")
+    assert test[0] == "tokenbridge-healthcheck", test
+    args = health.build_parser().parse_args(test[1:])
+    assert not args.live, f"{test} checks liveness, not readiness"
+    wanted: str | list[str] = health.wanted_teachers(args)
+    return wanted
+
+
+def requires_every_teacher(test: list[str], teachers: Any) -> bool:
+    """Whether a health check command is healthy only while every one of ``teachers`` is ready."""
+    wanted = healthcheck_wants(test)
+    if isinstance(wanted, str):
+        return wanted == load_script("healthcheck").ALL
+    return set(wanted) >= set(teachers)
+
+
+#: Model families by a name's telltale part, most specific first (hub names of models).
 HUB_FAMILIES = (
     ("tinyllama", "llama"),
     ("smollm", "smollm"),
     ("qwen", "qwen"),
+    ("deepseek", "deepseek"),
     ("gemma", "gemma"),
     ("mistral", "mistral"),
     ("phi", "phi"),
@@ -311,7 +373,7 @@ def test_teacher_reserves_a_gpu_and_waits_long_for_its_model():
     assert devices and all(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert all("device_ids" in d or "count" in d for d in devices)
     assert parse_duration(teacher["healthcheck"]["start_period"]) >= 30 * 60
-    assert teacher["healthcheck"]["test"] == ["CMD", "tokenbridge-healthcheck"]
+    assert teacher["healthcheck"]["test"][:2] == ["CMD", "tokenbridge-healthcheck"]
     assert teacher["build"]["dockerfile"] == "deploy/Dockerfile.teacher-gpu"
     assert teacher["environment"]["TOKENBRIDGE_API_KEYS"] == KEY
     command = teacher["command"]
@@ -382,17 +444,20 @@ def test_cpu_variant_builds_its_models_first_and_needs_no_gpu():
         if service.get("command", [""])[0] in ("serve", "train", "tiny-model"):
             assert service["build"]["dockerfile"] != "deploy/Dockerfile.teacher-gpu"
     teacher = services["teacher"]
-    model = flag(teacher["command"], "--teacher")
-    builders = [
-        name
-        for name, service in services.items()
-        if service.get("command", [])[:1] == ["tiny-model"]
-        and flag(service["command"], "--out") == model
-    ]
-    assert builders and all(
-        teacher["depends_on"][b]["condition"] == "service_completed_successfully" for b in builders
-    )
-    assert flag(teacher["command"], "--backend") == "transformers"
+    serve = parsed_command(teacher["command"])
+    for name, own in serve.teacher_configs().items():
+        builders = [
+            service_name
+            for service_name, service in services.items()
+            if service.get("command", [])[:1] == ["tiny-model"]
+            and flag(service["command"], "--out") == own.teacher_model
+        ]
+        assert builders, f"no one-shot service builds teacher {name}'s {own.teacher_model}"
+        assert all(
+            teacher["depends_on"][b]["condition"] == "service_completed_successfully"
+            for b in builders
+        )
+        assert own.backend == "transformers" and not own.devices
     for service in trainers(config).values():
         assert service["build"]["args"]["TORCH_INDEX_URL"].endswith("/cpu")
 
@@ -405,15 +470,63 @@ def test_load_balancer_profile_fronts_every_teacher_replica():
     for name in ("teacher", "teacher-2"):
         assert "teacher-pool" in services[name]["networks"]["default"]["aliases"]
     assert "dynamic a teacher-pool 8000" in (DEPLOY / "Caddyfile").read_text()
-    teacher_gpus = services["teacher"]["deploy"]["resources"]["reservations"]["devices"]
-    replica_gpus = services["teacher-2"]["deploy"]["resources"]["reservations"]["devices"]
-    assert teacher_gpus[0]["device_ids"] != replica_gpus[0]["device_ids"]
+    # Each replica hosts the same teachers on GPUs of its own.
+    assert not set(reserved_gpus(services["teacher"])) & set(reserved_gpus(services["teacher-2"]))
     # Only the core (one teacher, its students) starts without a profile.
     profiles = {name: service.get("profiles") for name, service in services.items()}
     assert profiles["proxy"] == ["lb"] and profiles["teacher-2"] == ["replicas"]
     assert profiles["teacher"] is None and all(
         profiles[n] is None for n in trainers({"services": services})
     )
+
+
+@pytest.mark.parametrize("variant", ["gpu+replicas", "cpu"])
+def test_one_teacher_service_hosts_two_teachers_and_is_healthy_only_with_both(variant):
+    config = compose_config(variant)
+    services = config["services"]
+    hosts = {n: s for n, s in services.items() if s.get("command", [""])[0] == "serve"}
+    assert "teacher" in hosts
+    for name, service in hosts.items():
+        origin = f"{variant}:{name}"
+        serve = parsed_command(service["command"])
+        teachers = serve.teacher_configs()
+        assert len(teachers) >= 2, f"{origin}: one teacher only: {sorted(teachers)}"
+        # Requests that name no teacher still have one (clients written for a single teacher).
+        assert serve.default_teacher_name in teachers
+        families = {
+            teacher: cpu_model_family(config, own.teacher_model)
+            if variant == "cpu"
+            else hub_family(own.teacher_model)
+            for teacher, own in teachers.items()
+        }
+        assert len(set(families.values())) == len(teachers), f"{origin}: families {families}"
+        # Healthy (what the students wait for) means every teacher is ready, not just one.
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD" and requires_every_teacher(test[1:], teachers), (
+            f"{origin}: the health check {test} does not require every teacher {sorted(teachers)}"
+        )
+        if variant == "cpu":
+            assert all(own.backend == "transformers" for own in teachers.values())
+        else:
+            # Each teacher's GPUs are its own and inside the container's reservation.
+            check_gpu_placement(origin, serve, len(reserved_gpus(service)))
+    names = set(parsed_command(hosts["teacher"]["command"]).teacher_names)
+    assert all(set(parsed_command(s["command"]).teacher_names) == names for s in hosts.values())
+
+    from tokenbridge.client.train import load_routed_prompts
+
+    schedules = set()
+    for name, service in trainers(config).items():
+        train = parsed_command(service["command"])
+        # Every student distils from every teacher; a student's family is no teacher's.
+        assert set(train.teachers) == names, f"{name} uses teachers {train.teachers} of {names}"
+        schedules.add(train.teacher_schedule)
+        # Its prompt file sends some rows to a named teacher and leaves the others to the schedule
+        # (read as the trainer reads it: a row naming a teacher not in --teachers is an error).
+        prompts = host_path(service, str(train.prompts))
+        _, routes = load_routed_prompts(prompts, train.teacher_field, train.teachers)
+        assert {r for r in routes if r is not None} == names and None in routes, prompts
+    assert schedules == {"round_robin", "mixture"}, "show both schedules"
 
 
 def compose_variables(path: Path) -> dict[str, str | None]:
@@ -487,11 +600,31 @@ def config_flags(command: str) -> set[str]:
     hints = typing.get_type_hints(kind)
     flags = set(EXTRA_FLAGS[command])
     for field in dataclasses.fields(kind):
+        if not field.metadata.get("cli", True):  # set in a --config file only
+            continue
         name = field.name.replace("_", "-")
         flags.add(f"--{name}")
         if hints[field.name] is bool:
             flags.add(f"--no-{name}")
     return flags
+
+
+def config_of(command: str, args: Any) -> Any:
+    """The config dataclass of ``tokenbridge COMMAND`` from its parsed flags (fields without a
+    flag keep their defaults), as the command line builds it."""
+    kind = CONFIGS[command]
+    values = {
+        f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+        for f in dataclasses.fields(kind)
+        if hasattr(args, f.name)
+    }
+    return kind(**values)
+
+
+def parsed_command(argv: list[Any]) -> Any:
+    """A ``tokenbridge`` command of the files, parsed by the real parser, as its config."""
+    argv = _resolve_k8s_variables([str(a) for a in argv])
+    return config_of(argv[0], build_parser().parse_args(argv))
 
 
 def test_every_tokenbridge_command_parses_and_builds_its_config():
@@ -509,15 +642,11 @@ def test_every_tokenbridge_command_parses_and_builds_its_config():
             given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
             unknown = given - config_flags(argv[0])
             assert not unknown, f"{origin}: {sorted(unknown)} are not flags of {argv[0]}"
-            kind = CONFIGS[argv[0]]
-            values = {
-                f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
-                for f in dataclasses.fields(kind)
-            }
             try:
-                kind(**values)
+                config_of(argv[0], args)
             except (TypeError, ValueError) as error:
-                pytest.fail(f"{origin}: {kind.__name__} refuses `{shlex.join(argv)}`: {error}")
+                kind = CONFIGS[argv[0]].__name__
+                pytest.fail(f"{origin}: {kind} refuses `{shlex.join(argv)}`: {error}")
     assert {"serve", "train", "tiny-model", "demo"} <= seen
 
 
@@ -686,16 +815,21 @@ def test_teacher_deployment_has_probes_gpus_a_secret_key_and_storage():
     (container,) = pod["containers"]
     args = container["args"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    # Readiness (and start-up) is /readyz, through the health check that presents the key.
-    assert container["readinessProbe"]["exec"]["command"] == ["tokenbridge-healthcheck"]
+    # Start-up and readiness are /readyz, through the health check that presents the key: the pod
+    # has started once every teacher is ready, and stays ready while one of them serves (a teacher
+    # that fails later leaves the others serving).
+    serve = parsed_command(args)
+    teachers = serve.teacher_configs()
+    assert len(teachers) >= 2
     startup = container["startupProbe"]
-    assert startup["exec"]["command"] == ["tokenbridge-healthcheck"]
+    assert requires_every_teacher(startup["exec"]["command"], teachers)
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60
+    readiness = container["readinessProbe"]["exec"]["command"]
+    assert healthcheck_wants(readiness) == load_script("healthcheck").ANY
+    # nvidia.com/gpu is the sum of the teachers' GPUs, each teacher's its own.
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    parallel = int(flag(args, "--tensor-parallel-size")) * int(
-        flag(args, "--pipeline-parallel-size")
-    )
-    assert gpus == parallel >= 1
+    check_gpu_placement("teacher-deployment.yaml", serve, gpus)
+    assert len({hub_family(own.teacher_model) for own in teachers.values()}) == len(teachers)
     assert flag(args, "--api-key-hashes") == "$(TOKENBRIDGE_API_KEY_SHA256)"
     assert "--api-keys" not in args
     env = {e["name"]: e for e in container["env"]}
@@ -714,6 +848,7 @@ def test_teacher_deployment_has_probes_gpus_a_secret_key_and_storage():
     job = k8s_resource("Job", "tokenbridge-student")["spec"]["template"]["spec"]
     (student,) = job["containers"]
     assert "--resume" in student["args"]
+    assert set(parsed_command(student["args"]).teachers) == set(teachers)
     assert int(student["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     student_env = {e["name"]: e for e in student["env"]}
     assert student_env["TOKENBRIDGE_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "api-key"
@@ -842,6 +977,83 @@ def test_healthcheck_falls_back_to_the_state_when_it_holds_only_hashes(stub):
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     assert not check.check(f"http://127.0.0.1:{port}", False, None, 1.0)[0]
+
+
+def _readyz(teachers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """What ``/readyz`` answers for teachers in these states."""
+    unready = [name for name, state in teachers.items() if state != "ready"]
+    states = set(teachers.values())
+    summary = states.pop() if len(states) == 1 else "degraded"
+    body = {
+        "ready": len(unready) < len(teachers),
+        "state": summary,
+        "teachers": {n: {"ready": st == "ready", "state": st} for n, st in teachers.items()},
+        "unready": unready,
+    }
+    return (200 if body["ready"] else 503), body
+
+
+def _serve_teachers(stub: _StubServer, teachers: dict[str, str]) -> None:
+    """``/readyz`` and ``/readyz?teacher=NAME`` of a service whose teachers are in these states."""
+    stub.routes["/readyz"] = _readyz(teachers)
+    body = stub.routes["/readyz"][1]
+    for name, state in teachers.items():
+        ready = state == "ready"
+        stub.routes[f"/readyz?teacher={name}"] = (
+            200 if ready else 503, {**body, "ready": ready, "state": state}
+        )  # fmt: skip
+
+
+def test_healthcheck_requires_every_teacher_or_the_named_ones(stub):
+    check = load_script("healthcheck")
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    _serve_teachers(stub, {"math": "ready", "code": "starting"})
+    assert check.main(["--url", url]) == 0  # /readyz: one ready teacher is enough
+    assert check.main(["--url", url, "--all-teachers"]) == 1
+    healthy, reason = check.check(url, False, "k", 5.0, check.ALL)
+    assert not healthy and "['code']" in reason
+    assert check.main(["--url", url, "--teacher", "math"]) == 0
+    assert check.main(["--url", url, "--teacher", "math", "--teacher", "code"]) == 1
+    healthy, reason = check.check(url, False, "k", 5.0, ["math", "code"])
+    assert not healthy and "code (503, state starting)" in reason
+    assert stub.seen[-1] == ("/readyz?teacher=code", "Bearer k")
+    # An unknown name (404) is never healthy.
+    healthy, reason = check.check(url, False, "k", 5.0, ["maths"])
+    assert not healthy and "no such teacher" in reason
+    # Nothing ready: unhealthy whatever is asked.
+    _serve_teachers(stub, {"math": "restarting", "code": "failed"})
+    for argv in ([], ["--all-teachers"], ["--teacher", "math"]):
+        assert check.main(["--url", url, *argv]) == 1
+    _serve_teachers(stub, {"math": "ready", "code": "ready"})
+    for argv in ([], ["--all-teachers"], ["--teacher", "math", "--teacher", "code"]):
+        assert check.main(["--url", url, *argv]) == 0
+    # A service of one teacher answers the same as before.
+    stub.routes["/readyz"] = (200, {"ready": True, "state": "ready"})
+    assert check.main(["--url", url, "--all-teachers"]) == 0
+    # The modes exclude each other.
+    with pytest.raises(SystemExit):
+        check.main(["--url", url, "--live", "--all-teachers"])
+    with pytest.raises(SystemExit):
+        check.main(["--url", url, "--all-teachers", "--teacher", "math"])
+
+
+def test_healthcheck_without_a_key_reads_the_summary_state(stub):
+    check = load_script("healthcheck")
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    for path in ("/readyz", "/readyz?teacher=math", "/readyz?teacher=code"):
+        stub.routes[path] = (401, {"error": {"code": "unauthorized"}})
+    # Some teachers ready ("degraded"): enough by default, not for every or a named teacher (the
+    # summary state does not say which are ready).
+    stub.routes["/healthz"] = (200, {"status": "alive", "state": "degraded"})
+    assert check.check(url, False, None, 5.0)[0]
+    assert not check.check(url, False, None, 5.0, check.ALL)[0]
+    assert not check.check(url, False, None, 5.0, ["math"])[0]
+    stub.routes["/healthz"] = (200, {"status": "alive", "state": "ready"})
+    assert check.check(url, False, None, 5.0, check.ALL)[0]
+    assert check.check(url, False, None, 5.0, ["math", "code"])[0]
+    stub.routes["/healthz"] = (503, {"status": "failed", "state": "failed"})
+    assert not check.check(url, False, None, 5.0)[0]
+    assert not check.check(url, True, None, 5.0)[0]
 
 
 def test_entrypoint_resumes_only_when_there_is_a_checkpoint(tmp_path):
