@@ -342,6 +342,18 @@ class ServiceConfig:
                 )
                 continue
             settings = {k: v for k, v in table.items() if k not in ("name", "model")}
+            wrong = [
+                f"{origin}.{key} = {value!r} is not {_KINDS[_field_kind(key)]}"
+                for key, value in settings.items()
+                if not _has_kind(value, _field_kind(key))
+            ] + [
+                f"{origin}.{key} must be a string"
+                for key in ("name", "model")
+                if key in table and not isinstance(table[key], str)
+            ]
+            if wrong:
+                problems += wrong
+                continue
             add(str(table.get("name", "")), str(table.get("model", "")), settings, origin)
         for option in self.teacher_options:
             target, equals, value = option.partition("=")
@@ -374,6 +386,11 @@ class ServiceConfig:
         configs: dict[str, ServiceConfig] = {}
         for name, spec in specs.items():
             model = spec.pop("model")
+            if "max_tokens_in_flight" in spec and "max_request_tokens" not in spec:
+                # A teacher with a smaller admission limit takes requests that fit in it.
+                spec["max_request_tokens"] = min(
+                    self.max_request_tokens, int(spec["max_tokens_in_flight"])
+                )
             try:
                 configs[name] = replace(
                     self,
@@ -426,6 +443,33 @@ def _split_teacher(entry: str) -> tuple[str, str, str]:
     if sep and TEACHER_NAME.fullmatch(name.strip()):
         return name.strip(), sep, model.strip()
     return DEFAULT_TEACHER, "=", entry.strip()
+
+
+_KINDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "devices": "a list of GPU indices",
+}
+
+
+def _field_kind(key: str) -> str:
+    """``int``, ``float``, ``str`` or ``devices``: what the ``ServiceConfig`` field takes."""
+    kind = str({f.name: f.type for f in fields(ServiceConfig)}[key])
+    return "devices" if "tuple" in kind else kind if kind in ("int", "float") else "str"
+
+
+def _has_kind(value: Any, kind: str) -> bool:
+    """Whether a TOML value suits a field of ``kind`` (an integer passes for a number)."""
+    if isinstance(value, bool):
+        return False
+    if kind == "devices":
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+    if kind == "float":
+        return isinstance(value, (int, float))
+    return isinstance(value, int if kind == "int" else str)
 
 
 def _option_value(key: str, text: str) -> Any:

@@ -54,6 +54,51 @@ def direct_logprobs(model_dir: Path, ids: list[int]) -> np.ndarray:
     return torch.log_softmax(logits, dim=-1).numpy()
 
 
+def assert_matches_forward(
+    seq: Any,
+    bank: Any,
+    student: str,
+    teacher: str,
+    model_dir: Path,
+    prompt: str,
+    text: str,
+    atol: float = 2e-5,
+) -> int:
+    """A scored completion of ``text`` (student tokenizer ``student``) against a direct forward of
+    the teacher at ``model_dir`` (tokenizer ``teacher``): the chunks (runs of tokens whose bytes
+    end together on both sides) are where the bytes put them, each chunk's log-prob is the sum of
+    its teacher tokens' log-probs, and at every 1:1 position (a chunk of one student and one
+    teacher token) the student's log-prob is that teacher token's. Returns the 1:1 positions."""
+    from tokenbridge.shared.align import encode_continuation
+
+    student_ids = encode_continuation(bank.tokenizer(student), bank.vocab(student), text)
+    teacher_ids = encode_continuation(bank.tokenizer(teacher), bank.vocab(teacher), text)
+    prompt_ids = bank.tokenizer(teacher).encode(prompt)
+    forward = direct_logprobs(model_dir, prompt_ids + teacher_ids)
+    start = len(prompt_ids)
+    path = forward[np.arange(start - 1, start - 1 + len(teacher_ids)), teacher_ids]
+    student_bytes, teacher_bytes = bank.vocab(student).token_bytes, bank.vocab(teacher).token_bytes
+    student_ends = np.cumsum([len(student_bytes[i]) for i in student_ids])
+    teacher_ends = np.cumsum([len(teacher_bytes[i]) for i in teacher_ids])
+    assert student_ends[-1] == teacher_ends[-1] == len(text.encode())
+    boundaries = np.array(sorted(set(student_ends.tolist()) & set(teacher_ends.tolist())))
+    student_chunk = np.searchsorted(boundaries, student_ends)
+    teacher_chunk = np.searchsorted(boundaries, teacher_ends)
+    np.testing.assert_array_equal(seq.chunk_ids_S, student_chunk)
+    np.testing.assert_allclose(
+        seq.chunk_logprobs_C, np.bincount(teacher_chunk, weights=path), rtol=0, atol=5 * atol
+    )
+    students_in, teachers_in = np.bincount(student_chunk), np.bincount(teacher_chunk)
+    one_to_one = np.flatnonzero(
+        (students_in[student_chunk] == 1) & (teachers_in[student_chunk] == 1)
+    )
+    teacher_index = np.searchsorted(teacher_chunk, student_chunk[one_to_one])
+    np.testing.assert_allclose(seq.logprobs_S[one_to_one], path[teacher_index], rtol=0, atol=atol)
+    # Over the whole completion the student's log-probs add up to the teacher's.
+    assert abs(float(seq.logprobs_S.sum()) - float(path.sum())) <= 50 * atol
+    return len(one_to_one)
+
+
 _MODELS: dict[str, Any] = {}
 
 
@@ -125,11 +170,13 @@ def running_app(
     engine: Any = None,
     loop: LoopThread | None = None,
     tokenizer_loader: Callable[[str], Any] = offline_loader,
+    engines: dict[str, Any] | None = None,
 ) -> Iterator[AppHarness]:
-    """Build, start and finally stop an app for ``config``."""
+    """Build, start and finally stop an app for ``config`` (``engines``: some teachers' engines
+    by name, the others built from the config)."""
     own_loop = loop is None
     loop = loop or LoopThread()
-    app = create_app(config, engine=engine, tokenizer_loader=tokenizer_loader)
+    app = create_app(config, engine=engine, tokenizer_loader=tokenizer_loader, engines=engines)
     harness = AppHarness(loop, app)
     loop.run(harness._start())
     try:
@@ -219,6 +266,7 @@ __all__ = [
     "AppHarness",
     "GatedEngine",
     "LoopThread",
+    "assert_matches_forward",
     "config_for",
     "direct_logprobs",
     "free_port",
