@@ -9,12 +9,14 @@ never looks past it.
 from __future__ import annotations
 
 import importlib.metadata
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 __all__ = [
+    "DEVICES_LOCK",
     "EngineInfo",
     "FlopModel",
     "GenerateParams",
@@ -25,6 +27,12 @@ __all__ = [
     "flop_model",
     "package_versions",
 ]
+
+
+#: Held while an engine sets ``CUDA_VISIBLE_DEVICES`` for the workers it builds (vLLM with a
+#: teacher's ``devices``) and while an engine may initialise CUDA in this process (transformers on
+#: a GPU), which reads the variable once: neither may see another teacher's GPUs.
+DEVICES_LOCK = threading.Lock()
 
 
 def package_versions(*packages: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ unhealthy; ``stop`` then ``start`` brings it back with a fresh worker thread, ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import numpy as np
 
 from tokenbridge.service.batching import MicroBatcher
 from tokenbridge.service.engines.base import (
+    DEVICES_LOCK,
     EngineInfo,
     Generated,
     GenerateParams,
@@ -122,7 +124,10 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM
 
         torch_dtype = getattr(torch, self.dtype) if self.dtype != "auto" else "auto"
-        with _LOAD_LOCK:
+        # On a GPU, the first CUDA call reads CUDA_VISIBLE_DEVICES: never while a vLLM teacher
+        # has its own GPUs in it.
+        devices = DEVICES_LOCK if self.device.startswith("cuda") else contextlib.nullcontext()
+        with _LOAD_LOCK, devices:
             model: Any = AutoModelForCausalLM.from_pretrained(
                 self.model_name,
                 revision=self.revision,

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from tokenbridge.service.engines.base import (
+    DEVICES_LOCK,
     EngineInfo,
     Generated,
     GenerateParams,
@@ -52,9 +52,6 @@ _INSTALL_HINT = (
 #: Engine arguments that have their own keyword on ``VLLMEngine``; ``info`` reports them, so
 #: ``extra_engine_args`` may not override them behind its back.
 _RESERVED_ARGS = frozenset({"model", "dtype", "max_model_len", "max_logprobs", "revision"})
-#: One engine at a time sets the devices its worker processes will see (the environment is the
-#: process's, shared by every teacher's engine).
-_DEVICES_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -64,7 +61,7 @@ def _visible_devices(devices: Sequence[int] | None) -> Iterator[None]:
     if devices is None:
         yield
         return
-    with _DEVICES_LOCK:
+    with DEVICES_LOCK:
         before = os.environ.get("CUDA_VISIBLE_DEVICES")
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
         try:
