@@ -40,6 +40,31 @@ Run ``python bench/load.py --students 8 --duration 60``; ``--max-tokens-in-fligh
 request of the default shape at a time) provokes admission refusals. The last line of stdout is one
 JSON object, progress goes to stderr. The exit status is 1 if a request was lost or an attempt was
 answered 5xx (other than 503).
+
+Several teachers (``--teachers N``, default 1: one teacher, as above). One ``tokenbridge serve``
+hosts N teachers named ``t0`` .. ``t{N-1}``, each a tiny model of another tokenizer family
+(``TEACHER_MODELS``: GPT-2 architecture over the GPT-2 tokenizer, then Llama architecture over the
+Llama 3, Qwen 2, Mistral v1, ... tokenizers; ``--hidden``/``--layers`` shape them all; nothing is
+downloaded). ``--teacher PATH``, repeated, gives teacher i the i-th path instead. Students are
+assigned to teachers round robin, or ``--teacher-students 7,1`` (7 students on ``t0``, 1 on
+``t1``; ``--students`` is then their sum). Every request names its student's teacher
+(``"teacher": "t0"``) and the answer's ``teacher.name`` must be that one (a bad answer otherwise).
+Each teacher's admission is its own: ``--teacher-max-tokens-in-flight 1000,262144``,
+``--teacher-admission-wait-s 0,5`` and ``--teacher-admission-queue 16,256`` give one value per
+teacher (an empty entry, as in ``1000,``, keeps the service-wide flag's value), passed to ``serve``
+as ``--teacher-options tI.KEY=VALUE``; ``--teacher-options`` passes any other ``tI.KEY=VALUE``
+through. The result then has ``teachers``: per teacher its model and limits (``/v1/info``), its
+``students``, the same counts, refusals, latencies and rates as the totals (over the same
+``duration_s``), and ``server``: that teacher's ``/metrics`` (``/v1/score`` requests by status,
+``rejected`` by admission, ``scored_positions``, ``teacher_tokens``); ``accounting_matches`` then
+also requires every teacher's statuses to match its own ``tokenbridge_requests_total``.
+
+``--teachers 2 --teacher-students 7,1 --teacher-max-tokens-in-flight 1000,262144`` measures that a
+busy teacher cannot starve another: ``t0``'s seven students wait in ``t0``'s own admission line
+(``service_stage_s.engine_s`` includes that wait), and with ``--teacher-admission-wait-s 0,5``
+(no line at ``t0``) ``t0`` refuses them (429, its own limit); ``t1``'s student neither waits nor is
+refused. Both teachers' engines share the machine's cores, so ``t1``'s latency still grows with
+``t0``'s compute: what is isolated is admission (refusals and the line), not compute.
 """
 
 from __future__ import annotations
@@ -80,6 +105,18 @@ FAMILIES = ("mistral-v1", "qwen2", "llama3", "gpt2", "mistral-v3", "tekken", "qw
 TOP_K = 16
 HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
 TARGETS = {"lost_max": 0, "server_errors_max": 0}
+#: The tiny teachers of ``--teachers N`` (architecture, tokenizer family), one family each.
+TEACHER_MODELS = (
+    ("gpt2", "gpt2"), ("llama", "llama3"), ("llama", "qwen2"), ("llama", "mistral-v1"),
+    ("llama", "tekken"), ("llama", "mistral-v3"), ("llama", "qwen3.6"),
+)  # fmt: skip
+#: The name ``serve`` gives a teacher passed without one (``--teacher PATH``).
+SINGLE_TEACHER = "default"
+#: Per-teacher admission flags: ``--teacher-KEY`` (comma list) -> ``serve``'s ``tI.KEY=VALUE``.
+TEACHER_LIMITS = {
+    "max_tokens_in_flight": (int, "1000,262144"), "admission_wait_s": (float, "0,5"),
+    "admission_queue": (int, "16,256"),
+}  # fmt: skip
 
 
 # -- the students' work ---------------------------------------------------------------------------
@@ -94,6 +131,8 @@ class Student:
     play: str
     vocab_size: int
     sequences: list[dict[str, Any]]
+    #: The teacher it asks (by name) and whose name its answers must carry; ``None``: not checked.
+    teacher: str | None = None
 
 
 def _play(index: int) -> tuple[str, str]:
@@ -144,7 +183,8 @@ def _students(args: argparse.Namespace) -> list[Student]:
         pool = _completions(
             tokenizer, vocab, text, args.pool, rng, (args.min_tokens, args.max_tokens)
         )
-        students.append(Student(index, family, play, len(tokenizer), pool))
+        teacher = args.teacher_names[args.student_teachers[index]]
+        students.append(Student(index, family, play, len(tokenizer), pool, teacher))
     return students
 
 
@@ -214,10 +254,18 @@ class BadAnswerError(Exception):
     """A 200 whose body does not say what the request asked."""
 
 
-def _validate(answer: Any, body: dict[str, Any], vocab_size: int) -> tuple[int, int, int]:
-    """Check a score answer against its request; (positions, teacher tokens, unscored rows)."""
+def _validate(
+    answer: Any, body: dict[str, Any], vocab_size: int, teacher: str | None = None
+) -> tuple[int, int, int]:
+    """Check a score answer against its request, and that ``teacher`` (when given) answered it;
+    (positions, teacher tokens, unscored rows)."""
     if not isinstance(answer, dict) or answer.get("top_k") != body["top_k"]:
         raise BadAnswerError("top_k missing or not the one asked")
+    if teacher is not None:
+        stamp = answer.get("teacher")
+        name = stamp.get("name") if isinstance(stamp, dict) else None
+        if name != teacher:
+            raise BadAnswerError(f"teacher {teacher!r} asked, {name!r} answered")
     sent, got = body["sequences"], answer.get("sequences")
     if not isinstance(got, list) or len(got) != len(sent):
         raise BadAnswerError(f"{len(sent)} sequences sent, {len(got or [])} answered")
@@ -307,7 +355,9 @@ async def _score_once(
             return
         try:
             answer = unpack(response.content)
-            positions, teacher_tokens, unscored = _validate(answer, body, student.vocab_size)
+            positions, teacher_tokens, unscored = _validate(
+                answer, body, student.vocab_size, student.teacher
+            )
         except Exception as error:  # a decoding error or a failed check: a bad answer
             tally.errors[f"bad_answer:{type(error).__name__}"] += 1
             print(
@@ -367,20 +417,37 @@ async def _run_student(
         ]
         cursor += args.batch
         body = {"student_tokenizer": student_id, "top_k": args.top_k, "sequences": batch}
+        if args.teachers > 1:  # one teacher: its requests name none, as before
+            body["teacher"] = student.teacher
         await _score_once(http, student, body, tally, rng, args.retries)
 
 
-async def _progress(tallies: list[Tally], started: float, every: float) -> None:
+def _by_teacher(students: list[Student], tallies: list[Tally]) -> dict[str, Tally]:
+    """The students' tallies merged per teacher, in the order the teachers first appear."""
+    merged: dict[str, Tally] = {}
+    for student, tally in zip(students, tallies, strict=True):
+        merged.setdefault(student.teacher or "", Tally()).merge(tally)
+    return merged
+
+
+async def _progress(
+    students: list[Student], tallies: list[Tally], started: float, every: float
+) -> None:
     while True:
         await asyncio.sleep(every)
+        groups = _by_teacher(students, tallies)
         total = Tally()
-        for tally in tallies:
+        for tally in groups.values():
             total.merge(tally)
-        print(
+        line = (
             f"[{time.perf_counter() - started:6.1f} s] requests {total.requests} "
-            f"answered {total.answered} refusals {total.refusals} lost {total.lost}",
-            file=sys.stderr,
+            f"answered {total.answered} refusals {total.refusals} lost {total.lost}"
         )
+        if len(groups) > 1:
+            line += "; " + ", ".join(
+                f"{name}: {t.answered} answered, {t.refusals} refused" for name, t in groups.items()
+            )
+        print(line, file=sys.stderr)
 
 
 async def _drive(
@@ -407,7 +474,9 @@ async def _drive(
             asyncio.create_task(_run_student(h, s, r["id"], args, deadline, t))
             for h, s, r, t in zip(clients, students, registrations, tallies, strict=True)
         ]
-        progress = asyncio.create_task(_progress(tallies, registered, args.progress_every))
+        progress = asyncio.create_task(
+            _progress(students, tallies, registered, args.progress_every)
+        )
         # The hard stop: the duration, then time for the requests in flight to finish.
         per_attempt = args.timeout + max(args.retries.backoff_max_s, args.request_timeout_s)
         hard_stop = args.duration + (args.retries.max_retries + 1) * per_attempt + 30
@@ -429,19 +498,51 @@ async def _drive(
 # -- the service --------------------------------------------------------------------------------
 
 
-def _server_counts(url: str) -> dict[str, int]:
-    """``tokenbridge_requests_total`` of ``/v1/score`` by status, from the service's /metrics."""
+@dataclass
+class ServerCounts:
+    """What the service's ``/metrics`` counted: ``/v1/score`` requests by status, over every
+    teacher (``total``) and by the teacher they named (``teachers``, with that teacher's
+    ``rejected``, ``scored_positions`` and ``teacher_tokens``)."""
+
+    total: dict[str, int] = field(default_factory=dict)
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def teacher(self, name: str) -> dict[str, Any]:
+        return self.teachers.setdefault(
+            name,
+            {
+                "score_requests_by_status": {},
+                "rejected": 0,
+                "scored_positions": 0,
+                "teacher_tokens": 0,
+            },
+        )
+
+
+def _server_counts(url: str) -> ServerCounts:
+    """The service's counts, from its ``/metrics``."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url + "/metrics", timeout=10).text
-    counts: dict[str, int] = {}
+    counts = ServerCounts()
+    sums = {
+        "tokenbridge_rejected_total": "rejected",
+        "tokenbridge_scored_positions_total": "scored_positions",
+        "tokenbridge_teacher_tokens_total": "teacher_tokens",
+    }
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "tokenbridge_requests_total" and sample.labels.get("route") == (
-                "/v1/score"
-            ):
-                status = sample.labels["status"]
-                counts[status] = counts.get(status, 0) + int(sample.value)
+            labels, value = sample.labels, int(sample.value)
+            if sample.name == "tokenbridge_requests_total" and labels.get("route") == "/v1/score":
+                status = labels["status"]
+                counts.total[status] = counts.total.get(status, 0) + value
+                if labels.get("teacher"):  # "": refused before it named a teacher
+                    by_status = counts.teacher(labels["teacher"])["score_requests_by_status"]
+                    by_status[status] = by_status.get(status, 0) + value
+            elif sample.name in sums and labels.get("teacher"):
+                counts.teacher(labels["teacher"])[sums[sample.name]] += value
+    for entry in counts.teachers.values():
+        entry["score_requests_by_status"] = dict(sorted(entry["score_requests_by_status"].items()))
     return counts
 
 
@@ -459,21 +560,48 @@ def _percentiles(seconds: list[float]) -> dict[str, float | None]:
     }
 
 
-def _teacher(args: argparse.Namespace) -> Path:
-    if args.teacher is not None:
-        return Path(args.teacher)
+def _teacher(args: argparse.Namespace, index: int = 0) -> Path:
+    """Teacher ``index``'s folder: the ``index``-th ``--teacher``, else a tiny model of
+    ``TEACHER_MODELS[index]`` built into the cache (once)."""
+    if index < len(args.teacher or []):
+        return Path(args.teacher[index])
+    architecture, tokenizer = TEACHER_MODELS[index]
     spec = TinyModelSpec(
-        "gpt2", "gpt2", hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 64)
-    )
-    folder = args.cache_dir / "models" / f"bench-gpt2-h{args.hidden}-l{args.layers}"
+        tokenizer, architecture, hidden=args.hidden, layers=args.layers,
+        heads=max(1, args.hidden // 64),
+    )  # fmt: skip
+    # The first keeps its name of the single-teacher benchmark, so existing caches still serve.
+    kind = "gpt2" if index == 0 else f"{architecture}-{tokenizer}"
+    folder = args.cache_dir / "models" / f"bench-{kind}-h{args.hidden}-l{args.layers}"
     return build_tiny_model(spec, folder, args.cache_dir)
+
+
+def _per_teacher(
+    parser: argparse.ArgumentParser, text: str | None, flag: str, kind: type, teachers: int
+) -> list[Any]:
+    """A comma list of one value per teacher (``None`` for an empty entry); ``[None] * teachers``
+    when the flag is not given."""
+    if text is None:
+        return [None] * teachers
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != teachers:
+        parser.error(
+            f"{flag} needs {teachers} comma-separated values (one per teacher); got {text!r}"
+        )
+    try:
+        return [kind(part) if part else None for part in parts]
+    except ValueError:
+        parser.error(f"{flag}: {text!r} is not a list of {kind.__name__} values")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (also used by the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--students", type=int, default=8, help="concurrent simulated students")
+    add(
+        "--students", type=int, default=None,
+        help="concurrent simulated students (default 8, or the sum of --teacher-students)",
+    )  # fmt: skip
     add("--duration", type=float, default=60.0, help="seconds of load (requests in flight finish)")
     add("--max-requests", type=int, default=1_000_000, help="most requests per student")
     add("--tokenizers", nargs="+", default=list(FAMILIES), help="families, cycled over students")
@@ -491,9 +619,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0)
     add("--progress-every", type=float, default=5.0, help="seconds between progress lines")
     # the service
-    add("--teacher", type=Path, default=None, help="teacher folder (default: a tiny GPT-2)")
-    add("--hidden", type=int, default=256, help="tiny teacher's hidden size")
-    add("--layers", type=int, default=4, help="tiny teacher's layers")
+    add(
+        "--teachers", type=int, default=1,
+        help="teachers in the one service, named t0..t{N-1}, tiny models of different tokenizer "
+        f"families ({', '.join(f'{a} over {t}' for a, t in TEACHER_MODELS)}); 1: one teacher, "
+        "requests name none",
+    )  # fmt: skip
+    add(
+        "--teacher", type=Path, action="append", default=None,
+        help="teacher folder, repeated: the i-th is teacher i (default: the tiny models)",
+    )  # fmt: skip
+    add(
+        "--teacher-students", default=None,
+        help="students per teacher as a comma list, e.g. 7,1: the first 7 students ask t0, the "
+        "next one t1 (default: round robin over the teachers)",
+    )  # fmt: skip
+    for key, (kind, example) in TEACHER_LIMITS.items():
+        flag = "--" + key.replace("_", "-")
+        add(
+            "--teacher-" + flag[2:], default=None,
+            help=f"per-teacher {flag}, a comma list of one {kind.__name__} per teacher (an "
+            f"empty entry: {flag}'s value), e.g. {example}",
+        )  # fmt: skip
+    add(
+        "--teacher-options", action="append", default=[],
+        help="passed to serve as --teacher-options, repeated: tI.KEY=VALUE for any per-teacher key",
+    )  # fmt: skip
+    add("--hidden", type=int, default=256, help="tiny teachers' hidden size")
+    add("--layers", type=int, default=4, help="tiny teachers' layers")
     add(
         "--max-tokens-in-flight", type=int, default=262144,
         help="service admission limit in teacher tokens; small (1000: about one request of the "
@@ -522,6 +675,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(os.environ.get("TOKENBRIDGE_CACHE", REPO_ROOT / ".cache")),
     )  # fmt: skip
     args = parser.parse_args(argv)
+    n = args.teachers
+    if not 1 <= n <= len(TEACHER_MODELS) and not 1 <= n <= len(args.teacher or []):
+        parser.error(
+            f"--teachers must lie in 1..{len(TEACHER_MODELS)} (more: give each a --teacher path)"
+        )
+    if len(args.teacher or []) > n:
+        parser.error(f"{len(args.teacher)} --teacher paths for --teachers {n}")
+    args.teacher_names = [SINGLE_TEACHER] if n == 1 else [f"t{i}" for i in range(n)]
+    if args.teacher_students is not None:
+        counts = _per_teacher(parser, args.teacher_students, "--teacher-students", int, n)
+        if any(c is None or c < 1 for c in counts):
+            parser.error("--teacher-students: every teacher needs at least one student")
+        if args.students is not None and args.students != sum(counts):
+            parser.error(f"--students {args.students} but --teacher-students sums to {sum(counts)}")
+        args.students = sum(counts)
+        args.student_teachers = [i for i, c in enumerate(counts) for _ in range(c)]
+    else:
+        args.students = 8 if args.students is None else args.students
+        args.student_teachers = [i % n for i in range(args.students)]
+    args.teacher_limits = {
+        key: _per_teacher(
+            parser, getattr(args, "teacher_" + key), "--teacher-" + key.replace("_", "-"), kind, n
+        )
+        for key, (kind, _) in TEACHER_LIMITS.items()
+    }
+    if n == 1 and (args.teacher_options or any(v != [None] for v in args.teacher_limits.values())):
+        parser.error("per-teacher options need --teachers 2 or more")
     if args.students < 1 or args.batch < 1 or args.duration <= 0 or args.max_requests < 1:
         parser.error("--students, --batch and --max-requests must be positive, --duration too")
     if args.max_retries < 0 or args.backoff_base_s < 0 or args.backoff_max_s < 0:
@@ -534,28 +714,101 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _serve_args(args: argparse.Namespace, teacher: Path, data_dir: Path) -> list[str]:
+def _serve_args(args: argparse.Namespace, teachers: list[Path], data_dir: Path) -> list[str]:
+    """``serve``'s command line: one teacher passed bare (named ``default``), several by name
+    with their own admission limits as ``--teacher-options``."""
+    out: list[str] = []
+    if len(teachers) == 1:
+        out += ["--teacher", str(teachers[0])]
+    else:
+        for name, path in zip(args.teacher_names, teachers, strict=True):
+            out += ["--teacher", f"{name}={path}"]
+        for key, values in args.teacher_limits.items():
+            for name, value in zip(args.teacher_names, values, strict=True):
+                if value is not None:
+                    out += ["--teacher-options", f"{name}.{key}={value}"]
+        for option in args.teacher_options:
+            out += ["--teacher-options", option]
     flags = {
-        "--teacher": teacher, "--host": LOOPBACK, "--data-dir": data_dir,
+        "--host": LOOPBACK, "--data-dir": data_dir,
         "--max-tokens-in-flight": args.max_tokens_in_flight,
         "--max-request-tokens": args.max_request_tokens,
         "--admission-wait-s": args.admission_wait_s, "--admission-queue": args.admission_queue,
         "--batch-max-tokens": args.batch_max_tokens, "--batch-wait-s": args.batch_wait_s,
         "--request-timeout-s": args.request_timeout_s, "--log-level": "warning",
     }  # fmt: skip
-    return [str(x) for pair in flags.items() for x in pair]
+    return out + [str(x) for pair in flags.items() for x in pair]
+
+
+def _server_errors(statuses: Counter[str]) -> int:
+    """Attempts answered 5xx other than 503 (a 503 is a refusal)."""
+    return sum(n for s, n in statuses.items() if int(s) >= 500 and s != "503")
+
+
+def _rate(count: float, seconds: float, digits: int = 1) -> float | None:
+    return round(count / seconds, digits) if seconds > 0 else None
+
+
+def _stage_s(tally: Tally) -> dict[str, float]:
+    """Mean seconds per answered request in each stage, as the service timed them."""
+    if not tally.answered:
+        return {}
+    return {k: round(v / tally.answered, 4) for k, v in sorted(tally.stage_s.items())}
+
+
+_DESCRIBED = ("model", "backend", "dtype", "device", "vocab_size")
+
+
+def _teacher_result(
+    path: Path,
+    described: dict[str, Any],
+    students: list[Student],
+    tally: Tally,
+    server: dict[str, Any],
+    load_s: float,
+) -> dict[str, Any]:
+    """One teacher's part of the result (``teachers[name]``)."""
+    return {
+        "path": str(path),
+        **{k: described.get(k) for k in _DESCRIBED},
+        "limits": described.get("limits"),
+        "max_top_k": described.get("max_top_k"),
+        "students": len(students),
+        "student_tokenizers": [s.family for s in students],
+        "requests": tally.requests,
+        "answered": tally.answered,
+        "refused_retried": tally.refused_retried,
+        "attempts": tally.attempts,
+        "statuses": dict(sorted(tally.statuses.items())),
+        "refusals": {s: n for s, n in sorted(tally.statuses.items()) if s in ("429", "503")},
+        "retry_wait_s": round(tally.retry_wait_s, 2),
+        "errors": dict(sorted(tally.errors.items())),
+        "lost": tally.lost,
+        "server_errors": _server_errors(tally.statuses),
+        "server": server,
+        "accounting_matches": server["score_requests_by_status"] == dict(tally.statuses),
+        "latency_ms": _percentiles(tally.latency_s),
+        "attempt_latency_ms": _percentiles(tally.attempt_latency_s),
+        "refusal_latency_ms": _percentiles(tally.refusal_latency_s),
+        "positions": tally.positions,
+        "positions_per_s": _rate(tally.positions, load_s),
+        "teacher_tokens": tally.teacher_tokens,
+        "teacher_tokens_per_s": _rate(tally.teacher_tokens, load_s),
+        "requests_per_s": _rate(tally.answered, load_s, 2),
+        "service_stage_s": _stage_s(tally),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Start the service, run the students, print the JSON result last; 1 if anything was lost."""
     args = parse_args(argv)
-    teacher = _teacher(args)
+    teachers = [_teacher(args, index) for index in range(args.teachers)]
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     data_dir = args.data_dir or args.cache_dir / "bench-load-data"
     env = {"TOKENBRIDGE_CACHE": str(args.cache_dir)}
     if args.service_threads:
         env["OMP_NUM_THREADS"] = str(args.service_threads)
-    serve = _serve_args(args, teacher, data_dir)
+    serve = _serve_args(args, teachers, data_dir)
     print(f"starting the service; encoding {args.students} students' sequences", file=sys.stderr)
     with ThreadPoolExecutor(1) as pool:  # encode while the service loads
         encoding = pool.submit(_students, args)
@@ -565,6 +818,11 @@ def main(argv: list[str] | None = None) -> int:
             students = encoding.result()
             print(f"service ready at {url} (log {log_path})", file=sys.stderr)
             info = unpack(httpx.get(url + "/v1/info", headers=HEADERS, timeout=10).content)
+            described = {t["name"]: t for t in info.get("teachers") or []}
+            if list(described) != args.teacher_names:
+                raise RuntimeError(
+                    f"the service hosts teachers {list(described)}, not {args.teacher_names}"
+                )
             tallies, registrations, registration_s, load_s = asyncio.run(
                 _drive(url, students, args)
             )
@@ -572,8 +830,20 @@ def main(argv: list[str] | None = None) -> int:
     total = Tally()
     for tally in tallies:
         total.merge(tally)
-    server_errors = sum(n for s, n in total.statuses.items() if int(s) >= 500 and s != "503")
+    server_errors = _server_errors(total.statuses)
     refusals = {s: n for s, n in total.statuses.items() if s in ("429", "503")}
+    several = args.teachers > 1
+    groups = _by_teacher(students, tallies)
+    per_teacher: dict[str, dict[str, Any]] = {}
+    for name, path in zip(args.teacher_names, teachers, strict=True):
+        own = [s for s in students if s.teacher == name]
+        tally = groups.get(name, Tally())
+        per_teacher[name] = _teacher_result(
+            path, described[name], own, tally, server.teacher(name), load_s
+        )
+    accounting = server.total == dict(total.statuses)
+    if several:
+        accounting = accounting and all(t["accounting_matches"] for t in per_teacher.values())
     result = {
         "benchmark": "load",
         "machine": {
@@ -581,12 +851,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
         },
-        "teacher": {
-            "path": str(teacher),
-            **{
-                k: info["teacher"][k] for k in ("model", "backend", "dtype", "device", "vocab_size")
-            },
-        },
+        # Several teachers: none is the default; each is described under ``teachers``.
+        "teacher": None
+        if several
+        else {"path": str(teachers[0]), **{k: info["teacher"][k] for k in _DESCRIBED}},
         "service": {
             "url": url,
             **info["limits"],
@@ -620,33 +888,29 @@ def main(argv: list[str] | None = None) -> int:
         "errors": dict(sorted(total.errors.items())),
         "lost": total.lost,
         "server_errors": server_errors,
-        "server": {"score_requests_by_status": dict(sorted(server.items()))},
-        "accounting_matches": server == dict(total.statuses),
+        "server": {"score_requests_by_status": dict(sorted(server.total.items()))},
+        "accounting_matches": accounting,
         "latency_ms": _percentiles(total.latency_s),
         "attempt_latency_ms": _percentiles(total.attempt_latency_s),
         "refusal_latency_ms": _percentiles(total.refusal_latency_s),
         "sequences": total.sequences,
         "positions": total.positions,
         "unscored_positions": total.unscored_positions,
-        "positions_per_s": round(total.positions / load_s, 1) if load_s > 0 else None,
+        "positions_per_s": _rate(total.positions, load_s),
         "teacher_tokens": total.teacher_tokens,
-        "teacher_tokens_per_s": round(total.teacher_tokens / load_s, 1) if load_s > 0 else None,
+        "teacher_tokens_per_s": _rate(total.teacher_tokens, load_s),
         "teacher_tokens_per_request": {
             "mean": round(float(np.mean(total.request_teacher_tokens)), 1)
             if total.request_teacher_tokens
             else None,
             "max": max(total.request_teacher_tokens, default=None),
         },
-        "requests_per_s": round(total.answered / load_s, 2) if load_s > 0 else None,
-        # Mean seconds per answered request in each stage, as the service timed them.
-        "service_stage_s": {
-            k: round(v / total.answered, 4) for k, v in sorted(total.stage_s.items())
-        }
-        if total.answered
-        else {},
+        "requests_per_s": _rate(total.answered, load_s, 2),
+        "service_stage_s": _stage_s(total),
         "per_student": [
             {
                 "family": s.family,
+                **({"teacher": s.teacher} if several else {}),
                 "play": s.play,
                 "requests": t.requests,
                 "answered": t.answered,
@@ -656,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for s, t in zip(students, tallies, strict=True)
         ],
+        **({"teachers": per_teacher} if several else {}),
         "targets": TARGETS,
     }
     print(json.dumps(result))

@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -85,6 +86,57 @@ def test_validate_rejects_a_wrong_answer(answer):
         load._validate(answer, _body(), VOCAB)
 
 
+def test_validate_checks_which_teacher_answered():
+    answer = {**_answer(), "teacher": {"name": "t1", "model": "m"}}
+    assert load._validate(answer, _body(), VOCAB, "t1") == (2 * ROWS, 20, 0)
+    for wrong in (answer, _answer(), {**_answer(), "teacher": "t0"}):
+        with pytest.raises(load.BadAnswerError, match="teacher 't0' asked"):
+            load._validate(wrong, _body(), VOCAB, "t0")
+
+
+def test_students_are_assigned_to_teachers_with_their_own_limits():
+    args = load.parse_args(
+        ["--teachers", "2", "--teacher-students", "7,1", "--teacher-max-tokens-in-flight",
+         "1000,", "--teacher-admission-wait-s", ",0", "--teacher-options", "t1.max_top_k=32"]
+    )  # fmt: skip
+    assert args.students == 8 and args.teacher_names == ["t0", "t1"]
+    assert args.student_teachers == [0] * 7 + [1]
+    serve = load._serve_args(args, [REPO / "a", REPO / "b"], REPO / "data")
+    options = [serve[i + 1] for i, flag in enumerate(serve) if flag == "--teacher-options"]
+    assert options == ["t0.max_tokens_in_flight=1000", "t1.admission_wait_s=0.0", "t1.max_top_k=32"]
+    assert [serve[i + 1] for i, flag in enumerate(serve) if flag == "--teacher"] == [
+        f"t0={REPO / 'a'}",
+        f"t1={REPO / 'b'}",
+    ]
+    round_robin = load.parse_args(["--teachers", "3", "--students", "5"])
+    assert round_robin.student_teachers == [0, 1, 2, 0, 1]
+    # One teacher: passed bare (it is the service's "default") and requests name none.
+    single = load.parse_args(["--students", "2"])
+    assert single.teacher_names == ["default"] and single.student_teachers == [0, 0]
+    assert load._serve_args(single, [REPO / "a"], REPO / "data")[:2] == [
+        "--teacher",
+        str(REPO / "a"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--teachers", "2", "--teacher-students", "7"],
+        ["--teachers", "2", "--teacher-students", "7,0"],
+        ["--teachers", "2", "--teacher-students", "7,1", "--students", "9"],
+        ["--teachers", "2", "--teacher-max-tokens-in-flight", "1000"],
+        ["--teachers", "2", "--teacher-max-tokens-in-flight", "1000,lots"],
+        ["--teacher-max-tokens-in-flight", "1000"],
+        ["--teachers", "0"],
+    ],
+)
+def test_bad_teacher_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        load.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
 def test_validate_allows_unscored_rows_only_where_bytes_are_untiled():
     nan = np.array([-1.0, np.nan, -1.0], dtype=np.float32)
     answer = _answer(logprobs=nan, alignment={"untiled_bytes": 2})
@@ -154,12 +206,11 @@ def test_anything_but_an_answer_is_lost(replies, reason):
     assert tally.errors == {reason: 1} and tally.lost == 1
 
 
-@pytest.mark.slow
-def test_load_run_retries_every_refusal_and_loses_nothing():
+def run_load(*flags: str) -> dict[str, Any]:
+    """``bench/load.py`` as a process with ``flags`` for a short run; its JSON result."""
     command = [
-        sys.executable, str(REPO / "bench" / "load.py"),
-        "--students", "3", "--duration", "6", "--tokenizers", "mistral-v1", "qwen2", "llama3",
-        "--teacher", str(tiny_teacher("gpt2")), "--max-tokens-in-flight", "1000",
+        sys.executable, str(REPO / "bench" / "load.py"), *flags,
+        "--duration", "6", "--tokenizers", "mistral-v1", "qwen2", "llama3",
         # A data dir kept in the cache: the mapping tables are built by the first run only.
         "--data-dir", str(CACHE_DIR / "test-load-data"), "--cache-dir", str(CACHE_DIR),
         # No line at admission: refused at once, so the refusal path is what this run exercises.
@@ -169,7 +220,14 @@ def test_load_run_retries_every_refusal_and_loses_nothing():
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_load_run_retries_every_refusal_and_loses_nothing():
+    result = run_load(
+        "--students", "3", "--teacher", str(tiny_teacher("gpt2")), "--max-tokens-in-flight", "1000"
+    )
 
     assert not RESULT_KEYS - result.keys(), RESULT_KEYS - result.keys()
     assert result["students"] == 3
@@ -197,3 +255,41 @@ def test_load_run_retries_every_refusal_and_loses_nothing():
     latency, attempt = result["latency_ms"], result["attempt_latency_ms"]
     assert 0 < attempt["p50"] <= latency["max"] and attempt["max"] <= latency["max"]
     assert result["refusal_latency_ms"]["p50"] is not None
+
+
+@pytest.mark.slow
+def test_load_run_with_two_teachers_keeps_each_teachers_refusals_its_own():
+    """A busy teacher (admission limit about one request, three students) refuses; the quiet
+    one beside it in the same service (a large limit, one student) refuses nothing."""
+    result = run_load(
+        "--teachers", "2", "--teacher-students", "3,1",
+        "--teacher", str(tiny_teacher("gpt2")), "--teacher", str(tiny_teacher("llama3", "llama")),
+        "--teacher-max-tokens-in-flight", "1000,262144",
+    )  # fmt: skip
+
+    assert not (RESULT_KEYS | {"teachers"}) - result.keys()
+    assert result["lost"] == 0 and result["errors"] == {} and result["server_errors"] == 0
+    assert result["answered"] == result["requests"] > 0
+    assert result["accounting_matches"] is True
+    teachers = result["teachers"]
+    assert list(teachers) == ["t0", "t1"]
+    assert [s["teacher"] for s in result["per_student"]] == ["t0", "t0", "t0", "t1"]
+    busy, quiet = teachers["t0"], teachers["t1"]
+    assert (busy["students"], quiet["students"]) == (3, 1)
+    assert busy["limits"]["max_tokens_in_flight"] == 1000
+    assert quiet["limits"]["max_tokens_in_flight"] == 262144
+    assert (busy["vocab_size"], quiet["vocab_size"]) != (None, None)
+    assert busy["vocab_size"] != quiet["vocab_size"]  # two tokenizer families
+    for teacher in (busy, quiet):
+        # Every answer was validated, its teacher name included: a wrong one would be lost.
+        assert teacher["lost"] == 0 and teacher["errors"] == {}
+        assert teacher["answered"] == teacher["requests"] > 0
+        assert teacher["accounting_matches"] is True
+        assert teacher["server"]["score_requests_by_status"] == teacher["statuses"]
+        assert teacher["server"]["scored_positions"] == teacher["positions"] > 0
+        assert teacher["positions_per_s"] > 0
+    # Admission is per teacher: the busy one's limit refused its own students only.
+    assert busy["refusals"].get("429", 0) > 0 and busy["server"]["rejected"] > 0
+    assert quiet["refusals"] == {} and quiet["server"]["rejected"] == 0
+    assert quiet["statuses"] == {"200": quiet["answered"]}
+    assert sum(t["requests"] for t in teachers.values()) == result["requests"]
