@@ -192,6 +192,38 @@ def transformers_engine(model_dir: Path, **options: Any) -> TransformersEngine:
     return TransformersEngine(str(model_dir), max_top_k=options.pop("max_top_k", 64), **options)
 
 
+class OutOfMemoryEngine(TransformersEngine):
+    """The real engine, whose model runs out of memory on demand: the next ``oom_next`` forward
+    passes raise ``torch.OutOfMemoryError`` from inside the forward, and the engine's own
+    handling marks itself unhealthy. Counts load attempts."""
+
+    def __init__(self, model_dir: Path, max_top_k: int = 16, **options: Any) -> None:
+        super().__init__(str(model_dir), max_top_k=max_top_k, **options)
+        self.oom_next = 0
+        self.loads = 0
+
+    def load(self) -> None:
+        self.loads += 1
+        super().load()
+        self._model.register_forward_pre_hook(self._maybe_run_out)
+
+    def _maybe_run_out(self, module: Any, args: Any) -> None:
+        import torch
+
+        if self.oom_next > 0:
+            self.oom_next -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+
+def data_segment(pid: int) -> int:
+    """``VmData`` of process ``pid`` in bytes: what ``RLIMIT_DATA`` is checked against."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmData in /proc/PID/status")
+
+
 class GatedEngine:
     """A fake engine around a real one: ``score``/``generate`` wait until the gate opens.
 

@@ -12,40 +12,25 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from tokenbridge.service.config import ServiceConfig
-from tokenbridge.service.engines.transformers import TransformersEngine, is_out_of_memory
+from tokenbridge.service.engines.transformers import is_out_of_memory
 
-from service_support import GatedEngine, config_for, running_app, transformers_engine
+from service_support import (
+    GatedEngine,
+    OutOfMemoryEngine,
+    config_for,
+    running_app,
+    transformers_engine,
+)
 
 JSON = {"accept": "application/json"}
 PROMPT = "HAMLET.\n"
 WAIT_S = 30.0  # upper bound for a restart of the tiny teacher
-
-
-class OutOfMemoryEngine(TransformersEngine):
-    """The real engine, whose model runs out of memory on demand (``oom_next`` forward passes
-    from now raise ``torch.OutOfMemoryError`` inside the forward). Counts load attempts."""
-
-    def __init__(self, model_dir: Path, **options: Any) -> None:
-        super().__init__(str(model_dir), max_top_k=16, **options)
-        self.oom_next = 0
-        self.loads = 0
-
-    def load(self) -> None:
-        self.loads += 1
-        super().load()
-        self._model.register_forward_pre_hook(self._maybe_run_out)
-
-    def _maybe_run_out(self, module: Any, args: Any) -> None:
-        if self.oom_next > 0:
-            self.oom_next -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
 
 
 class MortalEngine(GatedEngine):

@@ -20,19 +20,10 @@ import pytest
 
 from tokenbridge.cli import SERVE_ENGINE_FAILED
 
-from service_support import serve_process, tiny_teacher
+from service_support import data_segment, serve_process, tiny_teacher
 
 JSON = {"accept": "application/json"}
 MARGIN = 256 << 20  # bytes the capped process may still grow by: plenty, but not 1.5 GB
-
-
-def data_segment(pid: int) -> int:
-    """``VmData`` of process ``pid`` in bytes: what ``RLIMIT_DATA`` is checked against."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmData:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmData in /proc/PID/status")
 
 
 def until_ready(http: httpx.Client, timeout: float = 30) -> dict[str, Any]:

@@ -18,16 +18,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from tokenbridge.service.config import ServiceConfig
-from tokenbridge.service.engines.transformers import TransformersEngine
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
 from service_support import (
     GatedEngine,
+    OutOfMemoryEngine,
     assert_matches_forward,
     running_app,
     tiny_teacher,
@@ -46,27 +45,6 @@ GPT_TOP_K = 8
 SERVICE_TOP_K = 32
 RESTART_BACKOFF_S = 2.0  # long enough to look at the service while one teacher restarts
 WAIT_S = 60.0
-
-
-class OutOfMemoryEngine(TransformersEngine):
-    """The real engine, whose model runs out of memory on demand: the next ``oom_next`` forward
-    passes raise ``torch.OutOfMemoryError`` from inside the forward (as in
-    tests/fault/test_engine_recovery.py), and the engine's own handling marks itself unhealthy."""
-
-    def __init__(self, model_dir: Path, **options: Any) -> None:
-        super().__init__(str(model_dir), max_top_k=64, **options)
-        self.oom_next = 0
-        self.loads = 0
-
-    def load(self) -> None:
-        self.loads += 1
-        super().load()
-        self._model.register_forward_pre_hook(self._maybe_run_out)
-
-    def _maybe_run_out(self, module: Any, args: Any) -> None:
-        if self.oom_next > 0:
-            self.oom_next -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +79,7 @@ def service(teacher_dirs, tmp_path_factory, loop):
     )
     gpt = GatedEngine(transformers_engine(teacher_dirs["gpt"]))
     gpt.gate.set()
-    llama = OutOfMemoryEngine(teacher_dirs["llama"])
+    llama = OutOfMemoryEngine(teacher_dirs["llama"], max_top_k=64)
     with running_app(config, loop=loop, engines={"gpt": gpt, "llama": llama}) as harness:
         harness.engines = {"gpt": gpt, "llama": llama}
         harness.data_dir = data_dir
@@ -621,7 +599,7 @@ def test_a_teacher_failed_for_good_leaves_the_service_up_until_every_teacher_fai
     """No restarts: the failed teacher stays failed, the service serves the other (named
     ``default``: requests that name none go there), and gives up only once both failed."""
     dirs = {"default": teacher_dirs["gpt"], "llama": teacher_dirs["llama"]}
-    engines = {name: OutOfMemoryEngine(path) for name, path in dirs.items()}
+    engines = {name: OutOfMemoryEngine(path, max_top_k=64) for name, path in dirs.items()}
     config = two_teachers(dirs, tmp_path, engine_restarts=0)
     gave_up: list[str] = []
     with running_app(config, loop=loop, engines=engines) as harness:

@@ -24,7 +24,7 @@ from tokenbridge.cli import SERVE_ENGINE_FAILED
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import assert_matches_forward, serve_process, tiny_teacher
+from service_support import assert_matches_forward, data_segment, serve_process, tiny_teacher
 
 # tests/ is on sys.path, so a bare "vllm" would find this folder: ask for a real vLLM module.
 pytest.importorskip("vllm.sampling_params")
@@ -64,15 +64,6 @@ def kill_engine_core(pid: int) -> int:
     cores[0].kill()
     cores[0].wait(30)
     return int(cores[0].pid)
-
-
-def data_segment(pid: int) -> int:
-    """``VmData`` of process ``pid`` in bytes: what ``RLIMIT_DATA`` is checked against."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmData:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmData in /proc/PID/status")
 
 
 def wait_for(check, what: str, timeout: float = RESTART_WAIT_S) -> float:
