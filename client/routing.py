@@ -22,9 +22,10 @@ import bisect
 import itertools
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from tokenbridge.shared.protocol import TEACHER_NAME
 
 __all__ = [
     "SCHEDULES",
@@ -36,9 +37,6 @@ __all__ = [
 
 #: ``round_robin``: one teacher per step, in turn; ``mixture``: a seeded weighted draw per prompt.
 SCHEDULES = ("round_robin", "mixture")
-
-#: What a teacher's name may look like (the service's ``--teacher NAME=PATH`` names).
-TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def check_teacher_name(name: object, what: str = "teacher name") -> str:

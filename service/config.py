@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenbridge.configargs import load_toml
+from tokenbridge.shared.protocol import TEACHER_NAME
 
 __all__ = [
     "BACKENDS",
@@ -32,8 +33,6 @@ __all__ = [
 
 BACKENDS = ("transformers", "vllm")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-#: What a teacher's name may look like (it appears in URLs' queries, metrics labels and logs).
-TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The name of a teacher given without one (``--teacher PATH``).
 DEFAULT_TEACHER = "default"
 #: Fields each teacher may set for itself; the service-wide values are their defaults.

@@ -10,6 +10,7 @@ given the prompt and completion tokens ``0..j-1``. Log-probs are the teacher's a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ __all__ = [
     "API_VERSION",
     "GREEDY_BELOW_TEMPERATURE",
     "SCORE_ARRAY_DTYPES",
+    "TEACHER_NAME",
     "GenerateRequest",
     "Message",
     "Prompt",
@@ -39,6 +41,23 @@ __all__ = [
 API_VERSION = "v1"
 #: Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``).
 GREEDY_BELOW_TEMPERATURE = 1e-5
+#: What a teacher's name may look like: ``tokenbridge serve --teacher NAME=...`` accepts these, and
+#: they appear in query strings, metrics labels and logs. (A request naming anything else gets the
+#: service's 404 with the names it hosts, not a validation error.)
+TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _teacher_field() -> Any:
+    """The optional ``teacher`` of the requests that one teacher answers."""
+    return Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        strict=True,
+        description="the service's teacher to ask, by name (GET /v1/info lists them); omitted: "
+        "its default teacher",
+    )
+
 
 # What each per-token array of a score response is sent as. Integer arrays may travel narrower
 # (see ``codec``); log-probs of the sampled tokens stay float32, the sparse rows float16.
@@ -125,28 +144,14 @@ class ScoreRequest(_Model):
     student_tokenizer: str = Field(min_length=1, max_length=128)
     top_k: int = Field(ge=1, strict=True)
     sequences: list[ScoreSequence] = Field(min_length=1)
-    teacher: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=64,
-        strict=True,
-        description="the service's teacher to ask, by name (GET /v1/info lists them); omitted: "
-        "its default teacher",
-    )
+    teacher: str | None = _teacher_field()
 
 
 class GenerateRequest(_Model):
     """``POST /v1/generate``: teacher samples for prompts given as text or messages."""
 
     prompts: list[Prompt] = Field(min_length=1)
-    teacher: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=64,
-        strict=True,
-        description="the service's teacher to ask, by name (GET /v1/info lists them); omitted: "
-        "its default teacher",
-    )
+    teacher: str | None = _teacher_field()
     max_tokens: int | None = Field(
         default=None,
         ge=1,
