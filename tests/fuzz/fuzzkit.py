@@ -10,6 +10,7 @@ number for a longer hunt.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -99,6 +100,17 @@ MSGPACK_VALUES = st.recursive(
     ),
     max_leaves=20,
 )
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    """A deep copy of the JSON-like ``value`` with the entry at ``path`` set to ``new``."""
+    copy = json.loads(json.dumps(value))
+    *parents, last = path
+    target = copy
+    for key in parents:
+        target = target[key]
+    target[last] = new
+    return copy
 
 
 def plain_values(integers: st.SearchStrategy[int]) -> st.SearchStrategy[Any]:

@@ -37,6 +37,7 @@ from fuzzkit import (
     MSGPACK_VALUES,
     ODD_TEXT,
     fuzz_settings,
+    replaced,
 )
 
 MODELS: tuple[type[BaseModel], ...] = (ScoreRequest, GenerateRequest, RegisterTokenizerRequest)
@@ -217,17 +218,6 @@ FIELD_PATHS: list[tuple[type[BaseModel], dict[str, Any], tuple[Any, ...]]] = [
     (RegisterTokenizerRequest, REGISTER, ("special_tokens",)),
     (RegisterTokenizerRequest, REGISTER, ("chat_template",)),
 ]
-
-
-def replaced(body: Any, path: tuple[Any, ...], value: Any) -> Any:
-    """A deep copy of ``body`` with the field at ``path`` set to ``value``."""
-    copy = json.loads(json.dumps(body))
-    *parents, last = path
-    target = copy
-    for key in parents:
-        target = target[key]
-    target[last] = value
-    return copy
 
 
 @FUZZ

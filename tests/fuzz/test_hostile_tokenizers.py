@@ -36,6 +36,7 @@ from fuzzkit import (
     body_of,
     fuzz_config,
     fuzz_settings,
+    replaced,
     send,
     started_app,
 )
@@ -204,13 +205,8 @@ PART_VALUES = st.one_of(
 
 
 def with_part(path: tuple[str, ...], value: Any) -> dict[str, Any]:
-    tokenizer = json.loads(json.dumps(BASE))
-    *parents, last = path
-    target = tokenizer
-    for key in parents:
-        target = target[key]
-    target[last] = value
-    return tokenizer
+    """The base tokenizer with the part at ``path`` replaced by ``value``."""
+    return dict(replaced(BASE, path, value))
 
 
 @fuzz_settings(150)
