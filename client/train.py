@@ -51,7 +51,7 @@ from tokenbridge.client.teacher import (
 )
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.errors import AlignmentError
-from tokenbridge.shared.protocol import ScoredSequence
+from tokenbridge.shared.protocol import DEFAULT_TEACHER, ScoredSequence
 from tokenbridge.shared.vocab import Vocab, build_vocab
 
 #: An evaluation of the student beyond the built-in one: ``(model, tokenizer) -> metrics``.
@@ -71,9 +71,6 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-#: What the logs call the service's default teacher when the service gives it no name (a service
-#: that predates named teachers).
-DEFAULT_TEACHER = "default"
 
 DEFAULT_PROMPTS: tuple[str, ...] = tuple(
     f"{speaker}.\n{line}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenbridge.configargs import load_toml
-from tokenbridge.shared.protocol import TEACHER_NAME
+from tokenbridge.shared.protocol import DEFAULT_TEACHER, TEACHER_NAME
 
 __all__ = [
     "BACKENDS",
@@ -33,8 +33,6 @@ __all__ = [
 
 BACKENDS = ("transformers", "vllm")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-#: The name of a teacher given without one (``--teacher PATH``).
-DEFAULT_TEACHER = "default"
 #: Fields each teacher may set for itself; the service-wide values are their defaults.
 TEACHER_KEYS = (
     "backend", "device", "devices", "dtype", "max_model_len", "max_top_k", "max_request_tokens",

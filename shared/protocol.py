@@ -26,6 +26,7 @@ from pydantic import (
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_TEACHER",
     "GREEDY_BELOW_TEMPERATURE",
     "SCORE_ARRAY_DTYPES",
     "TEACHER_NAME",
@@ -45,6 +46,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 #: they appear in query strings, metrics labels and logs. (A request naming anything else gets the
 #: service's 404 with the names it hosts, not a validation error.)
 TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The name of a teacher given without one (``--teacher PATH``), and what a client calls the
+#: teacher of a service that names none.
+DEFAULT_TEACHER = "default"
 
 
 def _teacher_field() -> Any:
