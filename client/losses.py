@@ -1,4 +1,5 @@
-"""Distillation losses on the teacher signals the service returns (``mapping.md`` §5 and §6).
+"""Distillation losses on the teacher signals the service returns (``docs/mapping.md`` §4b, §5
+and §6).
 
 Pure torch: no I/O and nothing from the service. Shape suffixes: ``B`` batch, ``T`` completion
 positions, ``K`` top-k columns, ``V`` student vocabulary, ``C`` chunks.
@@ -36,6 +37,9 @@ __all__ = [
     "ClipMode",
     "DivergenceKind",
     "LossOutput",
+    "candidate_reverse_kl_loss",
+    "group_baseline",
+    "position_baseline",
     "position_mask",
     "reverse_kl_advantage_loss",
     "semantic_prior_loss",
@@ -107,13 +111,18 @@ def reverse_kl_advantage_loss(
     discount: float = 0.0,
     clip: ClipMode = "ppo",
     clip_eps: float = 0.2,
+    baseline_BT: Tensor | None = None,
 ) -> LossOutput:
-    """Sampled-token reverse KL used as an advantage (``mapping.md`` §6), policy-gradient style.
+    """Sampled-token reverse KL used as an advantage (``docs/mapping.md`` §6), policy-gradient
+    style.
 
     Per valid token ``A_j = log q(s_j) − log π_old(s_j)`` (teacher minus old student: the negated
     per-token estimate of the reverse KL), then with ``discount = γ > 0`` the discounted sum over
     the rest of the sequence ``A_j ← Σ_{t≥j} γ^{t−j} A_t`` (positions count in ``t − j``; invalid
-    ones contribute 0). ``A`` is a constant. With ``r_j = exp(logprobs_j − old_logprobs_j)``:
+    ones contribute 0). With ``baseline_BT`` given, ``A_j ← A_j − b_j`` (``group_baseline`` or
+    ``position_baseline``: values that do not depend on the token sampled at ``j``, so the
+    gradient stays unbiased while its variance drops; a NaN baseline counts as 0). ``A`` is a
+    constant. With ``r_j = exp(logprobs_j − old_logprobs_j)``:
 
     * ``"ppo"``: ``loss_j = −min(r_j A_j, clip(r_j, 1−ε, 1+ε) A_j)``;
     * ``"is"``: ``loss_j = −r_j A_j`` (importance-sampled, unclipped);
@@ -146,6 +155,10 @@ def reverse_kl_advantage_loss(
     with torch.no_grad():
         per_token_BT = torch.where(valid_BT, teacher - old, 0.0)
         adv_BT = _discounted_sum(per_token_BT, discount) if discount > 0.0 else per_token_BT
+        if baseline_BT is not None:
+            _check_shapes(mask_BT=mask_BT, baseline_BT=baseline_BT)
+            baseline = torch.nan_to_num(baseline_BT.detach().to(dtype), nan=0.0)
+            adv_BT = torch.where(valid_BT, adv_BT - baseline, 0.0)
 
     # Invalid positions get a log-ratio of 0 so that no inf/NaN reaches exp() or its gradient.
     log_ratio_BT = torch.where(valid_BT, logprobs - old, 0.0)
@@ -287,7 +300,8 @@ def sparse_divergence_loss(
     beta: float = 0.5,
     eps: float = 1e-6,
 ) -> LossOutput:
-    """Forward KL, reverse KL or generalised JSD on the sparse support plus one tail atom (§6).
+    """Forward KL, reverse KL or generalised JSD on the sparse support plus one tail atom
+    (``docs/mapping.md`` §6).
 
     Support per position: ``S = {teacher top-K ids} ∪ {sampled id}``, padding ids (-1) left out
     and every id counted once (the first column holding it wins, so a sampled token already in
@@ -399,6 +413,167 @@ def sparse_divergence_loss(
         divergence=div_BT.detach(),
         teacher_support_mass=p_mass_BT,
         student_support_mass=q_mass_BT.detach(),
+    )
+    return LossOutput(loss, metrics)
+
+
+def group_baseline(advantage_BT: Tensor, valid_BT: Tensor, group_B: Tensor) -> Tensor:
+    """Leave-one-out baseline for several samples of one prompt (``--samples-per-prompt``).
+
+    For sequence ``i`` of group ``g`` (``group_B[i] = g``, any integer label):
+    ``b_i = Σ_{i'∈g, i'≠i} Σ_valid A_{i'} / Σ_{i'∈g, i'≠i} #valid_{i'}``, the mean per-token
+    advantage of the *other* samples of the same prompt, the same for every position of ``i``.
+    It does not depend on sequence ``i``'s own tokens, so subtracting it leaves the gradient
+    unbiased and removes the large common part of the advantage (the reverse KL's mean, about
+    −1.8 nats per token for a weak student) that otherwise swamps the signal. A sequence alone
+    in its group, or whose partners have no valid token, gets NaN (no baseline).
+    """
+    _check_shapes(advantage_BT=advantage_BT, valid_BT=valid_BT)
+    if group_B.shape != advantage_BT.shape[:1]:
+        raise ValueError(f"group_B must have shape ({advantage_BT.shape[0]},)")
+    with torch.no_grad():
+        valid = valid_BT.bool()
+        dtype = _compute_dtype(advantage_BT)
+        sums_B = torch.where(valid, advantage_BT.to(dtype), 0.0).sum(dim=1)
+        counts_B = valid.sum(dim=1).to(dtype)
+        _, group_index_B = torch.unique(group_B, return_inverse=True)
+        groups = int(group_index_B.max().item()) + 1 if len(group_B) else 0
+        group_sums = torch.zeros(groups, dtype=dtype).index_add_(0, group_index_B, sums_B)
+        group_counts = torch.zeros(groups, dtype=dtype).index_add_(0, group_index_B, counts_B)
+        others_sum_B = group_sums[group_index_B] - sums_B
+        others_count_B = group_counts[group_index_B] - counts_B
+        baseline_B = torch.where(
+            others_count_B > 0, others_sum_B / others_count_B.clamp(min=1), math.nan
+        )
+        return baseline_B[:, None].expand_as(advantage_BT).clone()
+
+
+def position_baseline(
+    old_logprobs_BTV: Tensor,
+    listed_ids_BTK: Tensor,
+    listed_teacher_logprobs_BTK: Tensor,
+    mask_BT: Tensor,
+) -> Tensor:
+    """Per-position baseline from the teacher's listed ids: the advantage the sampling policy
+    expects at position ``j``, estimated on the listed support.
+
+    With ``L_j`` the listed ids (padding -1 and repeats left out), ``π`` the sampling policy
+    (``old_logprobs_BTV``, normalised rows) and ``q`` the teacher's listed log-probs:
+    ``b_j = Σ_{v∈L_j} π(v) (log q(v) − log π(v)) / Σ_{v∈L_j} π(v)``, i.e. minus the reverse KL
+    restricted to the listed ids and renormalised over the student's mass there. Listed ids
+    with teacher probability 0 are left out (their term is −∞). NaN where no listed id has
+    student mass or the row is masked. It depends on position ``j``'s prefix, not on the token
+    sampled there, so subtracting it keeps the sampled-token gradient unbiased.
+    """
+    _check_shapes(
+        listed_ids_BTK=listed_ids_BTK, listed_teacher_logprobs_BTK=listed_teacher_logprobs_BTK
+    )
+    if old_logprobs_BTV.shape[:2] != mask_BT.shape or listed_ids_BTK.shape[:2] != mask_BT.shape:
+        raise ValueError("old_logprobs_BTV and listed_*_BTK must start with B×T of mask_BT")
+    with torch.no_grad():
+        dtype = _compute_dtype(old_logprobs_BTV)
+        ids_BTK = listed_ids_BTK.long()
+        teacher_BTK = listed_teacher_logprobs_BTK.detach().to(dtype)
+        on_BTK = (ids_BTK >= 0) & ~_repeats(ids_BTK) & torch.isfinite(teacher_BTK)
+        on_BTK &= mask_BT.bool()[..., None]
+        student_BTK = old_logprobs_BTV.detach().to(dtype).gather(-1, ids_BTK.clamp(min=0))
+        on_BTK &= torch.isfinite(student_BTK)
+        weight_BTK = torch.where(on_BTK, student_BTK.exp(), 0.0)
+        gap_BTK = torch.where(on_BTK, teacher_BTK - student_BTK, 0.0)
+        mass_BT = weight_BTK.sum(dim=-1)
+        value_BT = (weight_BTK * gap_BTK).sum(dim=-1) / mass_BT.clamp(min=1e-30)
+        return torch.where(mass_BT > 0, value_BT, math.nan)
+
+
+def candidate_reverse_kl_loss(
+    student_logprobs_BTV: Tensor,
+    candidate_ids_BTC: Tensor,
+    teacher_candidate_logprobs_BTC: Tensor,
+    mask_BT: Tensor,
+    *,
+    teacher_unresolved_BTC: Tensor | None = None,
+    eps: float = 1e-6,
+) -> LossOutput:
+    """Reverse KL over the student's own candidates, scored exactly by the teacher.
+
+    The candidates ``C_j`` are student ids the trainer chose at position ``j`` (its own top-k at
+    sampling time); the service returns the teacher's §4b mass of each from the teacher's *full*
+    row (``docs/mapping.md`` §4b). Padding ids (-1) and repeats are left out. Over the atoms
+    ``C_j ∪ {rest}``, with student ``q_c = exp(student_logprobs[c])`` (normalised rows at
+    temperature 1; the gradient flows here), ``q_rest = max(eps, 1 − Σ q_C)``, teacher
+    ``p_c = exp(teacher_candidate_logprobs)`` (``-inf`` is a probability of 0) and
+    ``p_rest = 1 − Σ p_C``:
+
+    ``D_j = Σ_{a ∈ C_j ∪ {rest}} q_a (log q_a − log p̃_a)``, ``p̃ = max(p, eps) / Σ max(p, eps)``.
+
+    Where the student's top-k holds nearly all its mass, ``D_j`` is the full per-position reverse
+    KL ``KL(π_θ(·|prefix) ‖ teacher)`` up to the rest atom (a lower bound on the full divergence
+    by the data-processing inequality, tight as ``q_rest → 0``). Its gradient is the exact
+    gradient of that quantity: no sampling noise at position ``j``, unlike the sampled-token
+    estimator. With ``teacher_unresolved_BTC`` (mass that may belong to a candidate but hangs on
+    the next teacher position, §4b), each candidate's teacher probability is taken at the middle
+    of its interval ``[p, p + unresolved]``, and ``unresolved_mass`` reports the mean share.
+
+    ``loss = Σ_valid D_j / #valid``; valid = ``mask`` with at least one finite candidate and no
+    NaN among the candidates' teacher log-probs. Metrics: ``valid_tokens``, ``divergence``,
+    ``student_candidate_mass`` (``Σ q_C``), ``teacher_candidate_mass`` (``Σ p_C``),
+    ``unresolved_mass``.
+    """
+    _check_shapes(
+        candidate_ids_BTC=candidate_ids_BTC,
+        teacher_candidate_logprobs_BTC=teacher_candidate_logprobs_BTC,
+    )
+    if (
+        student_logprobs_BTV.shape[:2] != mask_BT.shape
+        or candidate_ids_BTC.shape[:2] != mask_BT.shape
+    ):
+        raise ValueError(
+            f"student_logprobs_BTV {tuple(student_logprobs_BTV.shape)} and candidate_*_BTC "
+            f"{tuple(candidate_ids_BTC.shape)} must start with B×T = {tuple(mask_BT.shape)}"
+        )
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie in (0, 1); got {eps}")
+    dtype = _compute_dtype(student_logprobs_BTV)
+    ids_BTC = candidate_ids_BTC.long()
+    col_BTC = (ids_BTC >= 0) & ~_repeats(ids_BTC)
+    teacher_BTC = teacher_candidate_logprobs_BTC.detach().to(dtype)
+    valid_BT = mask_BT.bool() & col_BTC.any(dim=-1) & ~(col_BTC & torch.isnan(teacher_BTC)).any(-1)
+    col_BTC = col_BTC & valid_BT[..., None]
+
+    with torch.no_grad():
+        p_BTC = torch.where(col_BTC, teacher_BTC.clamp(max=0.0).exp(), 0.0)
+        unresolved_BTC = torch.zeros_like(p_BTC)
+        if teacher_unresolved_BTC is not None:
+            _check_shapes(candidate_ids_BTC=candidate_ids_BTC, unresolved=teacher_unresolved_BTC)
+            unresolved_BTC = torch.where(
+                col_BTC, torch.nan_to_num(teacher_unresolved_BTC.to(dtype), nan=0.0), 0.0
+            ).clamp(min=0.0)
+            p_BTC = p_BTC + 0.5 * unresolved_BTC
+        p_mass_BT = p_BTC.sum(dim=-1)
+        p_BTC = p_BTC / p_mass_BT.clamp(min=1.0)[..., None]
+        p_rest_BT = (1.0 - p_BTC.sum(dim=-1)).clamp(min=0.0)
+        p_BTA = torch.cat([p_BTC, p_rest_BT[..., None]], dim=-1)
+        atom_BTA = torch.cat([col_BTC, valid_BT[..., None]], dim=-1)
+        floored_BTA = torch.where(atom_BTA, p_BTA.clamp(min=eps), 0.0)
+        floored_BTA = floored_BTA / floored_BTA.sum(dim=-1, keepdim=True).clamp(min=eps)
+        log_p_BTA = torch.log(torch.where(atom_BTA, floored_BTA, 1.0))
+
+    gathered_BTC = student_logprobs_BTV.gather(-1, ids_BTC.clamp(min=0)).to(dtype)
+    log_q_BTC = torch.where(col_BTC, gathered_BTC.clamp(min=_STUDENT_LOG_FLOOR), 0.0)
+    q_BTC = torch.where(col_BTC, log_q_BTC.exp(), 0.0)
+    q_mass_BT = q_BTC.sum(dim=-1)
+    log_q_rest_BT = torch.log((1.0 - q_mass_BT).clamp(min=eps))
+    log_q_BTA = torch.cat([log_q_BTC, torch.where(valid_BT, log_q_rest_BT, 0.0)[..., None]], -1)
+    q_BTA = torch.where(atom_BTA, log_q_BTA.exp(), 0.0)
+    div_BT = _kl_terms(q_BTA, log_q_BTA, log_p_BTA, atom_BTA)
+
+    loss = _masked_mean(div_BT, valid_BT)
+    metrics = _metrics(
+        valid_BT,
+        divergence=div_BT.detach(),
+        student_candidate_mass=q_mass_BT.detach(),
+        teacher_candidate_mass=p_mass_BT,
+        unresolved_mass=unresolved_BTC.sum(dim=-1),
     )
     return LossOutput(loss, metrics)
 

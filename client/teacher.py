@@ -466,7 +466,21 @@ def _score_sequence(sequence: Mapping[str, Any], index: int) -> dict[str, Any]:
     else:
         raise ValueError(f"sequences[{index}].prompt must be a mapping (text, messages or ids)")
     completion = _ids_array(sequence["completion_ids"], f"sequences[{index}].completion_ids")
-    return {"prompt": prompt, "completion_ids": completion}
+    out: dict[str, Any] = {"prompt": prompt, "completion_ids": completion}
+    if sequence.get("candidate_ids") is not None:
+        # Student ids whose teacher mass is wanted per position (docs/mapping.md §4b), -1 pads.
+        candidates = np.asarray(sequence["candidate_ids"])
+        if candidates.size == 0:
+            candidates = candidates.reshape(len(completion), 0)
+        if candidates.ndim != 2 or candidates.dtype.kind not in "iu" or len(candidates) != len(
+            completion
+        ):
+            raise ValueError(
+                f"sequences[{index}].candidate_ids must be an integer array with one row per "
+                f"completion token ({len(completion)}); got {candidates.dtype} {candidates.shape}"
+            )
+        out["candidate_ids"] = candidates.astype(np.int64, copy=False)
+    return out
 
 
 def _sum_into(total: dict[str, float], part: Any) -> None:

@@ -45,6 +45,7 @@ from tokenbridge.service.metrics import ServiceMetrics
 from tokenbridge.service.registry import Pairing, StudentEntry, StudentRegistry
 from tokenbridge.service.scoring import (
     PreparedSequence,
+    map_candidates,
     prepare,
     render_prompt,
     teacher_scores,
@@ -298,6 +299,7 @@ class Teacher:
             "has_chat_template": bool(getattr(self.engine.tokenizer, "chat_template", None)),
             "flops": _flops_info(engine.flop_model),
             "max_top_k": self.max_top_k,
+            "candidate_scoring": engine.full_rows,
             "limits": self.limits(),
             "engine_restarts": self.engine_restarts,
         }
@@ -339,6 +341,14 @@ class Teacher:
             raise PayloadTooLargeError(
                 f"{len(request.sequences)} sequences in one request; max_sequences is "
                 f"{self.config.max_sequences}: split the batch"
+            )
+        if not self.engine.info.full_rows and any(
+            s.candidate_ids is not None for s in request.sequences
+        ):
+            raise UnprocessableError(
+                f"teacher {self.name!r} runs on the {self.engine.info.backend} engine, which "
+                "returns no full rows: 'candidate_ids' (docs/mapping.md §4b) needs the "
+                "transformers engine; leave the field out or ask another teacher"
             )
         pairing = await asyncio.to_thread(self.registry.pairing, self.name, student)
         top_k = request.top_k
@@ -442,7 +452,8 @@ class Teacher:
                 item.student_ids, item.view.ids, item.alignment, scores, top_k,
                 item.view.untiled_bytes,
             )  # fmt: skip
-            out.append(wire_sequence(mapped, item, top_k))
+            candidates = map_candidates(pairing.mapper, item, rows, mapped.scored_S)
+            out.append(wire_sequence(mapped, item, top_k, candidates))
         return out
 
     # -- generation ----------------------------------------------------------------------------

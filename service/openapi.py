@@ -104,7 +104,11 @@ _TEACHER_INFO = _object(
         "vocab_hash": _NULLABLE_STRING,
         "max_top_k": _INTEGER,
         "limits": _MAP,
-    }
+    },
+    candidate_scoring={
+        **_BOOLEAN,
+        "description": "whether the teacher scores named student candidates (candidate_ids)",
+    },
 )
 
 _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
@@ -164,7 +168,19 @@ _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                     "teacher_completion_tokens": _INTEGER,
                 }
             ),
-        }
+        },
+        candidate_logprobs={
+            **_array(_array(_NUMBER_OR_NULL)),
+            "description": "with candidate_ids in the request: per completion token and named "
+            "candidate, the log of the teacher's mass of that student token from its full row "
+            "(docs/mapping.md §4b); null/-inf for none or padding",
+        },
+        candidate_unresolved_mass={
+            **_array(_array(_NUMBER_OR_NULL)),
+            "description": "mass of teacher tokens that may belong to the candidate but hang on "
+            "the next teacher position: the true mass lies in [exp(logprob), exp(logprob) + "
+            "this]; 0: exact",
+        },
     ),
     "ScoreResponse": _object(
         {

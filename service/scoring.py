@@ -28,11 +28,19 @@ from tokenbridge.shared.align import (
     teacher_view,
     token_widths,
 )
+from tokenbridge.shared.candidates import CandidateMasses, candidate_masses
 from tokenbridge.shared.errors import TokenbridgeError
 from tokenbridge.shared.mapping import MappedCompletion, TeacherScores
 from tokenbridge.shared.protocol import SCORE_ARRAY_DTYPES, Prompt, ScoreSequence
 
-__all__ = ["PreparedSequence", "prepare", "render_prompt", "teacher_scores", "wire_sequence"]
+__all__ = [
+    "PreparedSequence",
+    "map_candidates",
+    "prepare",
+    "render_prompt",
+    "teacher_scores",
+    "wire_sequence",
+]
 
 
 def render_prompt(
@@ -130,6 +138,8 @@ class PreparedSequence:
     view: TeacherView
     alignment: Alignment
     job: ScoreJob | None
+    #: The request's ``candidate_ids`` padded to one width with -1 (``None`` when it named none).
+    candidate_ids_SC: np.ndarray | None = None
 
     @property
     def teacher_tokens(self) -> int:
@@ -157,6 +167,7 @@ def prepare(
             f"got {_short(largest)}"
         )
     student_ids = np.asarray(sequence.completion_ids, dtype=np.int64)
+    candidate_ids_SC = _candidate_array(sequence.candidate_ids, vocab.size, student.name)
     prompt_ids = render_prompt(sequence.prompt, teacher_tokenizer, student)
     try:
         view = teacher_view(
@@ -179,8 +190,50 @@ def prepare(
     job = None
     if len(completion):
         ids = np.concatenate([np.asarray(prompt_ids, dtype=np.int64), completion])
-        job = ScoreJob(ids=ids, start=len(prompt_ids), top_k=top_k)
-    return PreparedSequence(student_ids, prompt_ids, view, alignment, job)
+        job = ScoreJob(
+            ids=ids, start=len(prompt_ids), top_k=top_k, full_rows=candidate_ids_SC is not None
+        )
+    return PreparedSequence(student_ids, prompt_ids, view, alignment, job, candidate_ids_SC)
+
+
+def _candidate_array(
+    rows: list[list[int]] | None, vocab_size: int, student: str
+) -> np.ndarray | None:
+    """The candidates as one ``S×C`` array, short rows padded with -1; ids checked."""
+    if rows is None:
+        return None
+    width = max((len(row) for row in rows), default=0)
+    out = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
+    largest = max((max(row, default=-1) for row in rows), default=-1)
+    if largest >= vocab_size:
+        raise UnprocessableError(
+            f"candidate ids must lie in [0, {vocab_size}) for student {student!r}; "
+            f"got {_short(largest)}"
+        )
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+    return out
+
+
+def map_candidates(
+    mapper: Any, prepared: PreparedSequence, scored: PositionScores | None, scored_S: np.ndarray
+) -> CandidateMasses | None:
+    """§4b for one prepared sequence (``None`` when it named no candidates)."""
+    if prepared.candidate_ids_SC is None:
+        return None
+    m = len(prepared.view.ids)
+    vocab = mapper.teacher.size
+    full_MV = np.full((m, vocab), np.nan, dtype=np.float32)
+    if scored is not None:
+        if scored.full_logprobs_TV is None:
+            raise RuntimeError("the engine returned no full rows for a job that asked for them")
+        rows = np.flatnonzero(prepared.view.ids != GAP_ID)
+        width = min(vocab, scored.full_logprobs_TV.shape[1])
+        full_MV[rows, :width] = scored.full_logprobs_TV[:, :width]
+        # Ids the model's output layer has but the tokenizer lacks carry no text: left out.
+    return candidate_masses(
+        mapper, prepared.alignment, prepared.view.ids, full_MV, prepared.candidate_ids_SC, scored_S
+    )
 
 
 def teacher_scores(
@@ -201,7 +254,10 @@ def teacher_scores(
 
 
 def wire_sequence(
-    mapped: MappedCompletion, prepared: PreparedSequence, top_k: int
+    mapped: MappedCompletion,
+    prepared: PreparedSequence,
+    top_k: int,
+    candidates: CandidateMasses | None = None,
 ) -> dict[str, Any]:
     """One entry of the response's ``sequences``, field names and dtypes as the protocol says."""
 
@@ -209,6 +265,14 @@ def wire_sequence(
         return np.ascontiguousarray(array, dtype=SCORE_ARRAY_DTYPES[name])
 
     report = mapped.report
+    extra = {}
+    if candidates is not None:
+        extra = {
+            "candidate_logprobs": typed("candidate_logprobs", candidates.logprobs_SC),
+            "candidate_unresolved_mass": typed(
+                "candidate_unresolved_mass", candidates.unresolved_SC
+            ),
+        }
     return {
         "logprobs": typed("logprobs", mapped.logprobs_S),
         # The mapper's extra last column (the sampled token when outside the top K) stays home:
@@ -229,4 +293,5 @@ def wire_sequence(
             "teacher_prompt_tokens": len(prepared.prompt_ids),
             "teacher_completion_tokens": len(prepared.view.ids),
         },
+        **extra,
     }

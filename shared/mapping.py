@@ -38,6 +38,7 @@ from functools import cached_property
 import numpy as np
 
 from tokenbridge.shared.align import GAP_ID, Alignment, AlignmentReport, special_token_map
+from tokenbridge.shared.candidates import CandidateTables
 from tokenbridge.shared.errors import ScoresShapeError
 from tokenbridge.shared.tables import PairTable, StudentTrie, walk_trie
 from tokenbridge.shared.vocab import Vocab
@@ -247,6 +248,12 @@ class PairMapper:
             target = ids[:, 0].copy()
             resolvable = np.zeros_like(resolvable)
         return target, resolvable
+
+    @cached_property
+    def candidate_tables(self) -> CandidateTables:
+        """The per-pair index §4b (``shared/candidates.py``) scores named candidates with."""
+        target, ambiguous = self._boundary_assignment
+        return CandidateTables.build(target, ambiguous, self.teacher.token_bytes, self.student.size)
 
     @cached_property
     def trie(self) -> StudentTrie:

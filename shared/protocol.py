@@ -28,6 +28,7 @@ __all__ = [
     "API_VERSION",
     "DEFAULT_TEACHER",
     "GREEDY_BELOW_TEMPERATURE",
+    "MAX_CANDIDATES",
     "SCORE_ARRAY_DTYPES",
     "TEACHER_NAME",
     "GenerateRequest",
@@ -46,6 +47,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 #: they appear in query strings, metrics labels and logs. (A request naming anything else gets the
 #: service's 404 with the names it hosts, not a validation error.)
 TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The most student candidates one position may name (``candidate_ids``, ``docs/mapping.md`` §4b).
+MAX_CANDIDATES = 64
 #: The name of a teacher given without one (``--teacher PATH``), and what a client calls the
 #: teacher of a service that names none.
 DEFAULT_TEACHER = "default"
@@ -73,6 +76,8 @@ SCORE_ARRAY_DTYPES: dict[str, str] = {
     "tail_mass": "<f2",
     "unresolved_mass": "<f2",
     "exact": "|b1",
+    "candidate_logprobs": "<f4",
+    "candidate_unresolved_mass": "<f4",
 }
 
 
@@ -95,6 +100,30 @@ def _not_an_array(value: Any) -> Any:
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, strict=True)]], BeforeValidator(_ids_list)]
+
+
+def _candidate_rows(value: Any) -> Any:
+    """Accept candidates as a list of id lists or as a typed 2-D integer array (msgpack)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 2 or value.dtype.kind not in "iu":
+            raise ValueError(
+                f"candidate_ids must be a 2-D integer array; got {value.dtype} {value.shape}"
+            )
+        return value.tolist()
+    return value
+
+
+#: Per completion position, the student ids whose teacher mass is wanted; -1 pads a short row.
+CandidateIds = Annotated[
+    list[
+        Annotated[
+            list[Annotated[int, Field(ge=-1, strict=True)]],
+            Field(max_length=MAX_CANDIDATES),
+            BeforeValidator(_ids_list),
+        ]
+    ],
+    BeforeValidator(_candidate_rows),
+]
 
 
 class _Model(BaseModel):
@@ -140,6 +169,21 @@ class ScoreSequence(_Model):
 
     prompt: Prompt
     completion_ids: TokenIds
+    candidate_ids: CandidateIds | None = Field(
+        default=None,
+        description="per completion token, up to 64 student ids (-1 pads) whose teacher mass "
+        "the answer gives in candidate_logprobs, from the teacher's full row "
+        "(docs/mapping.md §4b); one row per completion token",
+    )
+
+    @model_validator(mode="after")
+    def _one_row_per_token(self) -> ScoreSequence:
+        if self.candidate_ids is not None and len(self.candidate_ids) != len(self.completion_ids):
+            raise ValueError(
+                f"candidate_ids needs one row per completion token ({len(self.completion_ids)}); "
+                f"got {len(self.candidate_ids)}"
+            )
+        return self
 
 
 class ScoreRequest(_Model):
@@ -230,6 +274,11 @@ class ScoredSequence:
     exact_S: np.ndarray
     chunk_logprobs_C: np.ndarray
     alignment: dict[str, Any]
+    #: With ``candidate_ids`` in the request: the teacher's §4b log-mass of each candidate (``-inf``
+    #: for none or padding) and the mass that may belong to it but hangs on the next teacher
+    #: position (0: exact); ``None`` otherwise.
+    candidate_logprobs_SC: np.ndarray | None = None
+    candidate_unresolved_SC: np.ndarray | None = None
 
     @classmethod
     def from_wire(cls, value: dict[str, Any], top_k: int = 0) -> ScoredSequence:
@@ -248,6 +297,12 @@ class ScoredSequence:
             listed = np.asarray(raw, dtype=object)
             return np.where(listed == None, null, listed).astype(dtype)  # noqa: E711
 
+        def candidates(name: str, null: float) -> np.ndarray | None:
+            if value.get(name) is None:
+                return None
+            rows = array(name, np.float32, null=null)
+            return rows.reshape(len(value["logprobs"]), -1) if rows.ndim != 2 else rows
+
         topk_logprobs = array("topk_logprobs", np.float32, null=-np.inf)
         topk_ids = array("topk_ids", np.int64)
         if topk_logprobs.ndim == 1:  # an empty completion read from JSON
@@ -263,4 +318,6 @@ class ScoredSequence:
             exact_S=array("exact", bool),
             chunk_logprobs_C=array("chunk_logprobs", np.float32),
             alignment=dict(value["alignment"]),
+            candidate_logprobs_SC=candidates("candidate_logprobs", -np.inf),
+            candidate_unresolved_SC=candidates("candidate_unresolved_mass", np.nan),
         )

@@ -188,6 +188,9 @@ class EngineInfo:
     #: The teacher's forward FLOPs per token (``flop_model`` of its config); ``None`` when the
     #: config gives nothing to estimate from.
     flop_model: FlopModel | None = None
+    #: Whether ``score`` can return full rows (``ScoreJob.full_rows``), which scoring named
+    #: student candidates (§4b) needs.
+    full_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ class ScoreJob:
     ids: np.ndarray
     start: int
     top_k: int
+    #: Also return the teacher's full log-prob row at every scored position (§4b candidates).
+    full_rows: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.start <= len(self.ids):
@@ -224,6 +229,8 @@ class PositionScores:
     topk_ids_TK: np.ndarray
     topk_logprobs_TK: np.ndarray
     actual_logprobs_T: np.ndarray
+    #: The full row over the teacher's vocabulary, when the job asked for it.
+    full_logprobs_TV: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

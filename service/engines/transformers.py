@@ -96,6 +96,7 @@ class TransformersEngine:
             max_model_len=self.max_model_len,
             versions=package_versions("torch", "transformers", "tokenbridge"),
             flop_model=flop_model(config),
+            full_rows=True,
         )
         self.batch_wait_s = batch_wait_s
         self.batch_max_tokens = batch_max_tokens
@@ -218,6 +219,7 @@ class TransformersEngine:
                 topk_ids = top_NK.indices.cpu().numpy().astype(np.int64)
                 topk_lps = top_NK.values.cpu().numpy()
                 actual = actual_N.cpu().numpy()
+                full = logprobs_NV.cpu().numpy() if any(j.full_rows for j in jobs) else None
         except Exception as error:
             if is_out_of_memory(error):
                 self._dead = True
@@ -232,6 +234,7 @@ class TransformersEngine:
                     topk_ids_TK=topk_ids[rows, : job.top_k],
                     topk_logprobs_TK=topk_lps[rows, : job.top_k],
                     actual_logprobs_T=actual[rows],
+                    full_logprobs_TV=full[rows] if full is not None and job.full_rows else None,
                 )
             )
         return results
