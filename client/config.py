@@ -13,13 +13,45 @@ from typing import Any
 from tokenbridge.client.routing import check_schedule
 from tokenbridge.configargs import load_toml
 
-__all__ = ["LOSSES", "TrainConfig", "load_train_config"]
+__all__ = [
+    "BASELINES",
+    "DEFAULT_LEARNING_RATES",
+    "LOSSES",
+    "TrainConfig",
+    "load_train_config",
+]
 
-#: ``reverse_kl``: sampled-token reverse KL as an advantage (telescoped teacher log-probs);
-#: ``semantic_prior``: the founding paper's chunk-level target; ``forward_kl``/``sparse_reverse_kl``
-#: /``jsd``: divergences over the mapped top-K plus a tail atom; ``sft``: supervised fine-tuning on
-#: teacher samples from ``/v1/generate`` (the usual cross-tokenizer baseline).
-LOSSES = ("reverse_kl", "semantic_prior", "forward_kl", "sparse_reverse_kl", "jsd", "sft")
+#: ``candidate_reverse_kl``: the per-position reverse KL over the student's own top-k, each
+#: scored exactly by the teacher from its full row (``docs/mapping.md`` §4b), plus a rest atom;
+#: ``reverse_kl``: sampled-token reverse KL as an advantage (telescoped teacher log-probs), with a
+#: baseline; ``semantic_prior``: the founding paper's chunk-level target;
+#: ``forward_kl``/``sparse_reverse_kl``/``jsd``: divergences over the mapped top-K plus a tail
+#: atom; ``sft``: supervised fine-tuning on teacher samples from ``/v1/generate`` (the usual
+#: cross-tokenizer baseline).
+LOSSES = (
+    "candidate_reverse_kl",
+    "reverse_kl",
+    "semantic_prior",
+    "forward_kl",
+    "sparse_reverse_kl",
+    "jsd",
+    "sft",
+)
+#: Baselines of the sampled-token ``reverse_kl`` advantage: ``auto`` is ``group`` with several
+#: samples per prompt, else ``position``.
+BASELINES = ("auto", "none", "group", "position")
+#: The learning rate each loss gets when ``learning_rate`` is not given, chosen from
+#: measurements (README, "Defaults that teach"): the analytic divergences take larger steps
+#: than the policy-gradient estimators, whose noise grows with the step.
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "candidate_reverse_kl": 1e-3,
+    "reverse_kl": 1e-4,
+    "semantic_prior": 1e-4,
+    "forward_kl": 1e-3,
+    "sparse_reverse_kl": 1e-3,
+    "jsd": 1e-3,
+    "sft": 1e-3,
+}
 
 
 @dataclass(frozen=True)
@@ -36,8 +68,26 @@ class TrainConfig:
         metadata={"help": "JSONL of prompts ({'prompt': text} or {'messages': [...]}) per line"},
     )
     eval_prompts: int = field(default=8, metadata={"help": "prompts held out for evaluation"})
-    loss: str = field(default="reverse_kl", metadata={"help": " | ".join(LOSSES)})
+    loss: str = field(default="candidate_reverse_kl", metadata={"help": " | ".join(LOSSES)})
     top_k: int = field(default=20, metadata={"help": "teacher distribution width (sparse losses)"})
+    candidates: int = field(
+        default=16,
+        metadata={
+            "help": "the student's own top-k ids per position that the teacher scores exactly "
+            "(candidate_reverse_kl; at most 64)"
+        },
+    )
+    samples_per_prompt: int = field(
+        default=1, metadata={"help": "completions sampled per prompt (a group, for baselines)"}
+    )
+    baseline: str = field(
+        default="auto",
+        metadata={
+            "help": "reverse_kl advantage baseline: auto (group with several samples per prompt, "
+            "else position) | none | group (leave-one-out over the prompt's samples) | "
+            "position (the policy's expected advantage over the teacher's listed ids)"
+        },
+    )
     steps: int = field(default=20, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=4, metadata={"help": "prompts per step"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest sampled completion"})
@@ -46,8 +96,11 @@ class TrainConfig:
         default="transformers",
         metadata={"help": "student sampling: transformers (generate) | vllm (weights synced)"},
     )
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "AdamW learning rate (none: the loss's default, DEFAULT_LEARNING_RATES)"},
+    )
+    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range"})
     discount: float = field(default=0.0, metadata={"help": "reverse-KL advantage discount"})
@@ -116,7 +169,17 @@ class TrainConfig:
             problems.append(
                 "pipeline_depth, warmup_steps, eval_prompts and teacher_resubmits must be >= 0"
             )
-        if self.learning_rate <= 0 or self.max_grad_norm <= 0 or self.temperature < 0:
+        if self.learning_rate is None and self.loss in DEFAULT_LEARNING_RATES:
+            object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES[self.loss])
+        if self.baseline not in BASELINES:
+            problems.append(f"baseline must be one of {BASELINES}; got {self.baseline!r}")
+        if self.baseline == "group" and self.samples_per_prompt < 2:
+            problems.append("baseline 'group' needs samples_per_prompt >= 2")
+        if not 1 <= self.candidates <= 64:
+            problems.append("candidates must lie in [1, 64]")
+        if self.samples_per_prompt < 1:
+            problems.append("samples_per_prompt must be at least 1")
+        if (self.learning_rate or 0) <= 0 or self.max_grad_norm <= 0 or self.temperature < 0:
             problems.append("learning_rate and max_grad_norm must be > 0, temperature >= 0")
         if not 0 <= self.discount <= 1 or not 0 < self.jsd_beta < 1:
             problems.append("discount must lie in [0, 1] and jsd_beta in (0, 1)")

@@ -38,6 +38,7 @@ __all__ = [
     "DivergenceKind",
     "LossOutput",
     "candidate_reverse_kl_loss",
+    "discounted_sum",
     "group_baseline",
     "position_baseline",
     "position_mask",
@@ -154,7 +155,7 @@ def reverse_kl_advantage_loss(
 
     with torch.no_grad():
         per_token_BT = torch.where(valid_BT, teacher - old, 0.0)
-        adv_BT = _discounted_sum(per_token_BT, discount) if discount > 0.0 else per_token_BT
+        adv_BT = discounted_sum(per_token_BT, discount) if discount > 0.0 else per_token_BT
         if baseline_BT is not None:
             _check_shapes(mask_BT=mask_BT, baseline_BT=baseline_BT)
             baseline = torch.nan_to_num(baseline_BT.detach().to(dtype), nan=0.0)
@@ -616,7 +617,7 @@ def _metrics(valid_BT: Tensor, **values: Tensor) -> dict[str, float]:
     return dict(zip(["valid_tokens", *values], numbers, strict=True))
 
 
-def _discounted_sum(values_BT: Tensor, discount: float) -> Tensor:
+def discounted_sum(values_BT: Tensor, discount: float) -> Tensor:
     """``out_j = Σ_{t≥j} γ^{t−j} values_t`` along each row (a reverse scan, T small steps)."""
     out_BT = torch.empty_like(values_BT)
     running_B = values_BT.new_zeros(values_BT.shape[0])

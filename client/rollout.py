@@ -60,6 +60,9 @@ class Rollout:
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     old_logprobs: list[np.ndarray]
+    #: Per completion, the sampling policy's own top-k ids at each position (``T×k``), sent to
+    #: the teacher as ``candidate_ids`` (``docs/mapping.md`` §4b); ``None`` when not asked for.
+    candidate_ids: list[np.ndarray] | None = None
 
     @property
     def tokens(self) -> int:
@@ -68,10 +71,14 @@ class Rollout:
 
     def score_sequences(self) -> list[dict[str, Any]]:
         """The ``sequences`` of a ``/v1/score`` request for this rollout."""
-        return [
+        sequences = [
             {"prompt": wire_prompt(p), "completion_ids": list(c)}
             for p, c in zip(self.prompts, self.completion_ids, strict=True)
         ]
+        if self.candidate_ids is not None:
+            for sequence, candidates in zip(sequences, self.candidate_ids, strict=True):
+                sequence["candidate_ids"] = candidates
+        return sequences
 
     def to_state(self) -> dict[str, Any]:
         """A plain form for checkpoints."""
@@ -80,6 +87,9 @@ class Rollout:
             "prompt_ids": self.prompt_ids,
             "completion_ids": self.completion_ids,
             "old_logprobs": [x.tolist() for x in self.old_logprobs],
+            "candidate_ids": (
+                None if self.candidate_ids is None else [x.tolist() for x in self.candidate_ids]
+            ),
         }
 
     @classmethod
@@ -90,6 +100,11 @@ class Rollout:
             prompt_ids=state["prompt_ids"],
             completion_ids=state["completion_ids"],
             old_logprobs=[np.asarray(x, dtype=np.float32) for x in state["old_logprobs"]],
+            candidate_ids=(
+                None
+                if state.get("candidate_ids") is None
+                else [np.asarray(x, dtype=np.int64) for x in state["candidate_ids"]]
+            ),
         )
 
 
@@ -167,8 +182,10 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator_seed: int | None = None,
+    candidates: int = 0,
 ) -> Rollout:
-    """Sample one completion per prompt with transformers ``generate`` and record log-probs.
+    """Sample one completion per prompt with transformers ``generate`` and record log-probs
+    (and, with ``candidates = k > 0``, the policy's top-k ids at every position).
 
     A completion ends after the student's end-of-sequence token (kept: the teacher maps it by
     role) or after ``max_new_tokens``.
@@ -197,7 +214,7 @@ def sample(
     completions = cut_after_eos(output[:, ids_BL.shape[1] :].tolist(), tokenizer.eos_token_id)
     if was_training:
         model.train()
-    return recorded_rollout(model, prompts, prompt_ids, completions)
+    return recorded_rollout(model, prompts, prompt_ids, completions, candidates)
 
 
 def cut_after_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
@@ -212,17 +229,29 @@ def cut_after_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[
 
 @torch.no_grad()
 def recorded_rollout(
-    model: Any, prompts: list[Prompt], prompt_ids: list[list[int]], completions: list[list[int]]
+    model: Any,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    completions: list[list[int]],
+    candidates: int = 0,
 ) -> Rollout:
     """The rollout of sampled ``completions`` with their sampling log-probs, recomputed by one
     forward pass of ``model`` in eval mode (whatever sampled them), so that they are exactly what
-    the loss later compares against."""
+    the loss later compares against; with ``candidates = k > 0`` also the policy's top-k ids at
+    every position (the same pass), for the teacher to score exactly."""
     was_training = model.training
     model.eval()
     try:
-        logprobs_BT, _, _ = completion_logprobs(model, prompt_ids, completions)
+        logprobs_BT, _, logprobs_BTV = completion_logprobs(
+            model, prompt_ids, completions, full=candidates > 0
+        )
     finally:
         if was_training:
             model.train()
     old = [logprobs_BT[b, : len(c)].float().cpu().numpy() for b, c in enumerate(completions)]
-    return Rollout(list(prompts), prompt_ids, completions, old)
+    top = None
+    if logprobs_BTV is not None:
+        top_BTK = torch.topk(logprobs_BTV, k=min(candidates, logprobs_BTV.shape[-1]), dim=-1)
+        ids_BTK = top_BTK.indices.cpu().numpy().astype(np.int64)
+        top = [ids_BTK[b, : len(c)] for b, c in enumerate(completions)]
+    return Rollout(list(prompts), prompt_ids, completions, old, top)

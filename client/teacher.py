@@ -472,8 +472,10 @@ def _score_sequence(sequence: Mapping[str, Any], index: int) -> dict[str, Any]:
         candidates = np.asarray(sequence["candidate_ids"])
         if candidates.size == 0:
             candidates = candidates.reshape(len(completion), 0)
-        if candidates.ndim != 2 or candidates.dtype.kind not in "iu" or len(candidates) != len(
-            completion
+        if (
+            candidates.ndim != 2
+            or candidates.dtype.kind not in "iu"
+            or len(candidates) != len(completion)
         ):
             raise ValueError(
                 f"sequences[{index}].candidate_ids must be an integer array with one row per "

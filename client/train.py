@@ -32,7 +32,7 @@ import torch
 
 from tokenbridge.client import losses
 from tokenbridge.client.config import TrainConfig
-from tokenbridge.client.errors import TeacherUnavailableError
+from tokenbridge.client.errors import TeacherProtocolError, TeacherUnavailableError
 from tokenbridge.client.rollout import (
     Prompt,
     Rollout,
@@ -219,9 +219,11 @@ def _batch_loss(
     cfg: TrainConfig, model: Any, rollout: Rollout, scored: list[ScoredSequence]
 ) -> losses.LossOutput:
     """The configured loss of one scored rollout, with gradients into ``model``."""
-    sparse = cfg.loss in ("forward_kl", "sparse_reverse_kl", "jsd")
+    full = cfg.loss in ("forward_kl", "sparse_reverse_kl", "jsd", "candidate_reverse_kl") or (
+        cfg.loss == "reverse_kl" and _baseline(cfg) == "position"
+    )
     logprobs_BT, valid_BT, logprobs_BTV = completion_logprobs(
-        model, rollout.prompt_ids, rollout.completion_ids, full=sparse
+        model, rollout.prompt_ids, rollout.completion_ids, full=full
     )
     width = logprobs_BT.shape[1]
     device = logprobs_BT.device
@@ -239,10 +241,48 @@ def _batch_loss(
         min_mapped_mass=cfg.min_mapped_mass,
         require_exact=cfg.require_exact,
     )
+    topk_ids_BTK = _padded([s.topk_ids_SK for s in scored], width, -1, torch.long).to(device)
+    topk_lps_BTK = _padded([s.topk_logprobs_SK for s in scored], width, -np.inf, torch.float32)
+    topk_lps_BTK = topk_lps_BTK.to(device)
+    if cfg.loss == "candidate_reverse_kl":
+        assert logprobs_BTV is not None
+        if rollout.candidate_ids is None or any(s.candidate_logprobs_SC is None for s in scored):
+            raise TeacherProtocolError(
+                "candidate_reverse_kl needs the teacher's candidate_logprobs: the rollout named "
+                "no candidates or the service answered none"
+            )
+        return losses.candidate_reverse_kl_loss(
+            logprobs_BTV,
+            _padded(rollout.candidate_ids, width, -1, torch.long).to(device),
+            _padded([s.candidate_logprobs_SC for s in scored], width, np.nan, torch.float32).to(
+                device
+            ),
+            mask_BT,
+            teacher_unresolved_BTC=_padded(
+                [s.candidate_unresolved_SC for s in scored], width, 0.0, torch.float32
+            ).to(device),
+        )
     if cfg.loss == "reverse_kl":
+        baseline_BT = None
+        kind = _baseline(cfg)
+        if kind == "position":
+            assert logprobs_BTV is not None
+            baseline_BT = losses.position_baseline(
+                logprobs_BTV.detach(), topk_ids_BTK, topk_lps_BTK, mask_BT
+            )
+        elif kind == "group":
+            valid = mask_BT & torch.isfinite(teacher_BT)
+            per_token_BT = torch.where(valid, torch.nan_to_num(teacher_BT) - old_BT, 0.0)
+            group_B = torch.arange(len(mask_BT), device=device) // cfg.samples_per_prompt
+            baseline_BT = losses.group_baseline(per_token_BT, valid, group_B)
+            if cfg.discount > 0:
+                # The baseline of a discounted return: the same per-token mean, discounted alike.
+                baseline_BT = losses.discounted_sum(
+                    torch.where(valid, torch.nan_to_num(baseline_BT), 0.0), cfg.discount
+                )
         return losses.reverse_kl_advantage_loss(
             logprobs_BT, old_BT, torch.nan_to_num(teacher_BT), mask_BT,
-            discount=cfg.discount, clip="ppo", clip_eps=cfg.clip_eps,
+            discount=cfg.discount, clip="ppo", clip_eps=cfg.clip_eps, baseline_BT=baseline_BT,
         )  # fmt: skip
     if cfg.loss == "semantic_prior":
         chunks = max(1, max(len(s.chunk_logprobs_C) for s in scored))
@@ -257,12 +297,17 @@ def _batch_loss(
     sampled_BT = _padded(
         [np.asarray(c, dtype=np.int64) for c in rollout.completion_ids], width, 0, torch.long
     ).to(device)
-    topk_ids_BTK = _padded([s.topk_ids_SK for s in scored], width, -1, torch.long).to(device)
-    topk_lps_BTK = _padded([s.topk_logprobs_SK for s in scored], width, -np.inf, torch.float32)
     return losses.sparse_divergence_loss(
-        logprobs_BTV, sampled_BT, topk_ids_BTK, topk_lps_BTK.to(device),
+        logprobs_BTV, sampled_BT, topk_ids_BTK, topk_lps_BTK,
         torch.nan_to_num(teacher_BT, nan=-np.inf), mask_BT, kind=kind, beta=cfg.jsd_beta,
     )  # fmt: skip
+
+
+def _baseline(cfg: TrainConfig) -> str:
+    """The ``reverse_kl`` baseline in force (``auto`` resolved)."""
+    if cfg.baseline != "auto":
+        return cfg.baseline
+    return "group" if cfg.samples_per_prompt > 1 else "position"
 
 
 def _sft_loss(model: Any, rollout: Rollout) -> losses.LossOutput:
@@ -473,6 +518,8 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
     def new_rollout() -> _Pending:
         seed = cfg.seed * 1_000_003 + stream.position
         taken = take_routed_batch(stream, router, train_routes, cfg.batch_size, world, rank)
+        # Each prompt's samples sit next to each other: a group for the baselines.
+        taken = [item for item in taken for _ in range(cfg.samples_per_prompt)]
         prompts = [train_prompts[index] for index, _, _ in taken]
         routes = [teachers.name(route) for _, route, _ in taken]
         fielded = [by_field for _, _, by_field in taken]
@@ -481,6 +528,7 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
         rollout = sampler(
             model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
+            candidates=cfg.candidates if cfg.loss == "candidate_reverse_kl" else 0,
         )  # fmt: skip
         return submit(rollout, seed, routes, fielded)
 

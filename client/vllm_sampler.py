@@ -207,6 +207,7 @@ class VLLMSampler:
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator_seed: int | None = None,
+        candidates: int = 0,
     ) -> Rollout:
         """Sample one completion per prompt with vLLM; a drop-in for ``rollout.sample``.
 
@@ -224,7 +225,7 @@ class VLLMSampler:
             eos_token_id=tokenizer.eos_token_id,
             generator_seed=generator_seed,
         )
-        return recorded_rollout(model, prompts, prompt_ids, completions)
+        return recorded_rollout(model, prompts, prompt_ids, completions, candidates)
 
     def close(self) -> None:
         """Stop the vLLM engine (its processes and memory) and remove the sync folder."""

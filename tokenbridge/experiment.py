@@ -45,6 +45,7 @@ __all__ = [
     "Arm",
     "ExperimentConfig",
     "ExperimentResult",
+    "build_models",
     "run_experiment",
     "summarise",
 ]
@@ -197,6 +198,39 @@ def _model_name(spec: TinyModelSpec, fit: FitSpec, role: str) -> str:
     )
 
 
+def build_models(
+    cfg: ExperimentConfig,
+    cache_dir: Path,
+    train_problems: list[Any],
+    kinds: list[str],
+    log: Callable[[str], None] = print,
+) -> tuple[Path, dict[tuple[str, int], Path]]:
+    """The fitted teacher and every seed's warm-started students of ``kinds`` (``cross``,
+    ``same``), fitted here or read from ``cache_dir/models``."""
+    models_dir = cache_dir / "models"
+    teacher_spec = _teacher_spec(cfg)
+    teacher_fit = FitSpec(steps=cfg.teacher_fit_steps)
+    log(f"teacher: {teacher_spec.architecture} over {cfg.teacher_tokenizer}, fitted here")
+    teacher_dir = fit_task_model(
+        teacher_spec, teacher_fit, train_problems,
+        models_dir / _model_name(teacher_spec, teacher_fit, "teacher"), cache_dir,
+        progress=cfg.progress, desc="fit teacher",
+    )  # fmt: skip
+    warm: dict[tuple[str, int], Path] = {}
+    for seed in cfg.seeds:
+        for kind in kinds:
+            spec = _student_spec(cfg, kind, seed)
+            fit = FitSpec(
+                steps=cfg.warm_start_steps, batch_size=16, learning_rate=3e-3,
+                examples=cfg.warm_start_examples, seed=seed, unused_steps=50,
+            )  # fmt: skip
+            warm[kind, seed] = fit_task_model(
+                spec, fit, train_problems, models_dir / _model_name(spec, fit, "student"),
+                cache_dir, progress=cfg.progress, desc=f"warm start {kind} s{seed}",
+            )  # fmt: skip
+    return teacher_dir, warm
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -212,32 +246,12 @@ def run_experiment(
 
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    models_dir = cache_dir / "models"
     train_problems, held_out = split_problems(cfg.digits, cfg.held_out, seed=0)
     eval_set = held_out[: cfg.eval_problems]
     kl_prompts = [p.prompt for p in held_out[: cfg.kl_eval_prompts]]
 
-    teacher_spec = _teacher_spec(cfg)
-    teacher_fit = FitSpec(steps=cfg.teacher_fit_steps)
-    log(f"teacher: {teacher_spec.architecture} over {cfg.teacher_tokenizer}, fitted here")
-    teacher_dir = fit_task_model(
-        teacher_spec, teacher_fit, train_problems,
-        models_dir / _model_name(teacher_spec, teacher_fit, "teacher"), cache_dir,
-        progress=cfg.progress, desc="fit teacher",
-    )  # fmt: skip
     kinds = sorted({ARMS[a].student for a in cfg.arms})
-    warm: dict[tuple[str, int], Path] = {}
-    for seed in cfg.seeds:
-        for kind in kinds:
-            spec = _student_spec(cfg, kind, seed)
-            fit = FitSpec(
-                steps=cfg.warm_start_steps, batch_size=16, learning_rate=3e-3,
-                examples=cfg.warm_start_examples, seed=seed, unused_steps=50,
-            )  # fmt: skip
-            warm[kind, seed] = fit_task_model(
-                spec, fit, train_problems, models_dir / _model_name(spec, fit, "student"),
-                cache_dir, progress=cfg.progress, desc=f"warm start {kind} s{seed}",
-            )  # fmt: skip
+    teacher_dir, warm = build_models(cfg, cache_dir, train_problems, kinds, log)
 
     prompts_path = out_dir / "prompts.jsonl"
     # The trainer holds out its first ``eval_prompts`` lines: the reverse-KL prompts come first.

@@ -1,0 +1,265 @@
+"""The exact per-position reverse KL of a student to a teacher, across tokenizers: the yardstick
+of whether a distillation step helped (the regression test, ``bench/learning.py``).
+
+On fixed student completions, at every student position ``j``, with the student's full row ``q_j``
+over its vocabulary and the teacher's distribution ``p_j`` of the student's next token (§4 of
+``docs/mapping.md`` applied to the teacher's *full* row, so nothing is lost to a top-K):
+
+``KL_j = Σ_v q_j(v) (log q_j(v) − log p̃_j(v))``, ``p̃ = max(p, eps) / Σ max(p, eps)``.
+
+With identical tokenizers ``p_j`` is the teacher's own row. Mass §4 leaves unresolved (a student
+token crossing a teacher boundary off the actual path) is left out before the floor. Nothing here
+goes through the service, the client or the losses: models are run directly, so the measure is
+independent of what it checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ExactReverseKL", "exact_reverse_kl"]
+
+
+@dataclass(frozen=True)
+class ExactReverseKL:
+    """Per sequence, the per-position reverse KLs (nats); their mean over every position."""
+
+    per_position: list[np.ndarray]
+
+    @property
+    def mean(self) -> float:
+        """Mean over all positions of all sequences."""
+        values = np.concatenate(self.per_position) if self.per_position else np.zeros(0)
+        return float(values.mean()) if len(values) else float("nan")
+
+
+class _Pair:
+    """The teacher's side: its model, tokenizer and the pair's mapper (built once)."""
+
+    def __init__(self, teacher_dir: Path, student_tokenizer: Any, cache_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tokenbridge.shared.cache import TableCache
+        from tokenbridge.shared.mapping import PairMapper
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+        self.model.eval()
+        tables = TableCache(cache_dir / "tables")
+        teacher_vocab = tables.vocab(self.tokenizer, str(teacher_dir))
+        student_name = getattr(student_tokenizer, "name_or_path", "") or "student"
+        student_vocab = tables.vocab(student_tokenizer, student_name)
+        self.mapper = PairMapper(
+            teacher_vocab, student_vocab, tables.pair_table(teacher_vocab, student_vocab)
+        )
+
+
+_PAIRS: dict[tuple[str, int], _Pair] = {}
+
+
+def exact_reverse_kl(
+    student_model: Any,
+    student_tokenizer: Any,
+    teacher_dir: Path | str,
+    prompts: list[str],
+    completions: list[list[int]],
+    cache_dir: Path,
+    eps: float = 1e-6,
+) -> ExactReverseKL:
+    """The exact per-position reverse KL of ``student_model`` to the teacher in ``teacher_dir`` on
+    the student's ``completions`` of text ``prompts`` (see the module docstring)."""
+    import torch
+
+    from tokenbridge.client.rollout import completion_logprobs, render_student_prompt
+    from tokenbridge.shared.align import GAP_ID, align, teacher_view, token_widths
+    from tokenbridge.shared.mapping import TeacherScores
+
+    key = (str(teacher_dir), id(student_tokenizer))
+    pair = _PAIRS.get(key)
+    if pair is None:
+        pair = _PAIRS[key] = _Pair(Path(teacher_dir), student_tokenizer, cache_dir)
+    mapper = pair.mapper
+    out: list[np.ndarray] = []
+    was_training = student_model.training
+    student_model.eval()
+    try:
+        for prompt, completion in zip(prompts, completions, strict=True):
+            if not completion:
+                continue
+            with torch.no_grad():
+                _, _, student_BTV = completion_logprobs(
+                    student_model, [render_student_prompt(student_tokenizer, prompt)],
+                    [list(completion)], full=True,
+                )  # fmt: skip
+            assert student_BTV is not None
+            log_q_TV = student_BTV[0].double().numpy()
+            ids = np.asarray(completion, dtype=np.int64)
+            view = teacher_view(
+                ids, mapper.student, pair.tokenizer, mapper.teacher, mapper.special_map
+            )
+            if (view.ids == GAP_ID).any():
+                continue  # bytes the teacher cannot spell: no exact answer there
+            teacher_prompt = pair.tokenizer.encode(prompt, add_special_tokens=True) or [
+                pair.tokenizer.bos_token_id or pair.tokenizer.eos_token_id
+            ]
+            sequence = torch.tensor([list(teacher_prompt) + view.ids.tolist()])
+            with torch.no_grad():
+                logits = pair.model(input_ids=sequence).logits[0].double()
+            start = len(teacher_prompt) - 1
+            log_p_MV = torch.log_softmax(logits[start : start + len(view.ids)], -1).numpy()
+            if mapper.same_vocab:
+                p_TV = np.exp(log_p_MV[:, : log_q_TV.shape[1]])
+            else:
+                order_MV = np.argsort(-log_p_MV, axis=1)
+                scores = TeacherScores(
+                    topk_ids_TK=order_MV,
+                    topk_logprobs_TK=np.take_along_axis(log_p_MV, order_MV, axis=1),
+                    actual_logprobs_T=log_p_MV[np.arange(len(view.ids)), view.ids],
+                )
+                alignment = align(token_widths(mapper.student, ids), view.widths)
+                mapped = mapper.map(ids, view.ids, alignment, scores, mapper.student.size)
+                p_TV = np.zeros_like(log_q_TV)
+                rows, cols = np.nonzero(mapped.topk_ids_SK >= 0)
+                targets = mapped.topk_ids_SK[rows, cols]
+                keep = targets < p_TV.shape[1]
+                mass = np.exp(mapped.topk_logprobs_SK[rows, cols].astype(np.float64))
+                np.add.at(p_TV, (rows[keep], targets[keep]), mass[keep])
+                log_q_TV = log_q_TV[mapped.scored_S]
+                p_TV = p_TV[mapped.scored_S]
+            floored_TV = np.maximum(p_TV, eps)
+            floored_TV /= floored_TV.sum(axis=1, keepdims=True)
+            q_TV = np.exp(log_q_TV)
+            out.append((q_TV * (log_q_TV - np.log(floored_TV))).sum(axis=1))
+    finally:
+        if was_training:
+            student_model.train()
+    return ExactReverseKL(out)
+
+
+class StepCheck:
+    """The experiment's fitted teacher served as its own process, and its warm-started students
+    (``same``: on the teacher's tokenizer, ``cross``: on another family's): train a copy of a
+    student for a few steps with the real trainer and measure the exact reverse KL before and
+    after on fixed completions of validation problems (train problems the trainer never sees;
+    the held-out test problems are not touched)."""
+
+    def __init__(self, stack: Any, url: str, folder: Path, cache_dir: Path, teacher_dir: Path,
+                 students: dict[str, Path], prompts_path: Path, validation: list[str],
+                 max_new_tokens: int) -> None:  # fmt: skip
+        self._stack = stack
+        self.url = url
+        self.folder = folder
+        self.cache_dir = cache_dir
+        self.teacher_dir = teacher_dir
+        self.students = students
+        self.prompts_path = prompts_path
+        self.validation = validation
+        self.max_new_tokens = max_new_tokens
+        self._loaded: dict[str, tuple[Any, Any]] = {}
+        self._runs = 0
+
+    @classmethod
+    def start(
+        cls,
+        cfg: Any,
+        cache_dir: Path,
+        folder: Path,
+        pairs: list[str],
+        validation_size: int = 200,
+        seed: int = 0,
+    ) -> StepCheck:
+        """Fit or load the models of experiment config ``cfg`` and start the service."""
+        import contextlib
+        import json
+
+        from tokenbridge.experiment import build_models
+        from tokenbridge.process import serve_process
+        from tokenbridge.task import split_problems
+
+        train, _ = split_problems(cfg.digits, cfg.held_out, seed=0)
+        train, validation = train[:-validation_size], train[-validation_size:]
+        teacher_dir, warm = build_models(
+            cfg, cache_dir, train, sorted(set(pairs)), log=lambda _: None
+        )
+        prompts_path = folder / "prompts.jsonl"
+        prompts_path.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n" for p in train))
+        stack = contextlib.ExitStack()
+        env = {"OMP_NUM_THREADS": "1", "TOKENBRIDGE_CACHE": str(cache_dir)}
+        url, _, _ = stack.enter_context(
+            serve_process(
+                ["--teacher", str(teacher_dir), "--data-dir", str(folder / "service"),
+                 "--log-level", "warning", "--max-top-k", "32"],
+                folder, env=env,
+            )
+        )  # fmt: skip
+        students = {pair: warm[pair, seed] for pair in pairs}
+        return cls(stack, url, folder, cache_dir, teacher_dir, students, prompts_path,
+                   [p.prompt for p in validation], cfg.max_new_tokens)  # fmt: skip
+
+    def student(self, pair: str) -> tuple[Any, Any]:
+        """The warm start of ``pair``: (tokenizer, model), loaded once."""
+        if pair not in self._loaded:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = str(self.students[pair])
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            self._loaded[pair] = (AutoTokenizer.from_pretrained(path), model.eval())
+        return self._loaded[pair]
+
+    def validation_completions(
+        self, pair: str, count: int, seed: int = 1234
+    ) -> tuple[list[str], list[list[int]]]:
+        """The warm start's own samples (temperature 1, seeded) of ``count`` validation prompts:
+        the fixed states every measurement of ``pair`` runs on."""
+        from tokenbridge.client.rollout import sample
+
+        tokenizer, model = self.student(pair)
+        prompts = self.validation[:count]
+        rollout = sample(
+            model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, generator_seed=seed
+        )
+        return prompts, rollout.completion_ids
+
+    def exact(
+        self, pair: str, model: Any | None, validation: tuple[list[str], list[list[int]]]
+    ) -> float:
+        """Mean exact per-position reverse KL of ``model`` (None: the warm start) to the teacher
+        on ``validation``'s completions."""
+        tokenizer, start = self.student(pair)
+        prompts, completions = validation
+        return exact_reverse_kl(
+            model if model is not None else start, tokenizer, self.teacher_dir, prompts,
+            completions, self.cache_dir,
+        ).mean  # fmt: skip
+
+    def train(self, pair: str, **overrides: Any) -> Any:
+        """A copy of ``pair``'s warm start after ``tokenbridge train`` with ``overrides`` (its
+        defaults otherwise; no evaluation), loaded from the run's checkpoint."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from tokenbridge.client.config import TrainConfig
+        from tokenbridge.client.train import main
+
+        self._runs += 1
+        out_dir = self.folder / f"run-{self._runs}"
+        settings: dict[str, Any] = {
+            "student": str(self.students[pair]), "teacher_urls": (self.url,),
+            "prompts": self.prompts_path, "eval_prompts": 0, "max_new_tokens": self.max_new_tokens,
+            "out_dir": out_dir, "progress": False, **overrides,
+        }  # fmt: skip
+        settings.setdefault("checkpoint_every", settings.get("steps", 20))
+        summary = main(TrainConfig(**settings))
+        model = AutoModelForCausalLM.from_pretrained(str(self.students[pair]), dtype=torch.float32)
+        model.load_state_dict(torch.load(summary.checkpoint_path, weights_only=False)["model"])
+        return model.eval()
+
+    def close(self) -> None:
+        """Stop the service."""
+        self._stack.close()
