@@ -40,12 +40,17 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--validation-prompts", type=int, default=32)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="other TrainConfig fields (JSON values), e.g. candidates=32",
+    )  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args()
 
     from tokenbridge.exactkl import StepCheck
     from tokenbridge.experiment import ExperimentConfig
 
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
         check = StepCheck.start(
@@ -64,11 +69,12 @@ def main() -> None:
                                 batch_size=args.batch_size, seed=seed,
                                 samples_per_prompt=args.samples_per_prompt,
                                 baseline=args.baseline, warmup_steps=args.warmup_steps,
+                                **extra,
                             )  # fmt: skip
                             after = check.exact(pair, model, validation)
                             record = {
                                 "pair": pair, "loss": loss, "learning_rate": rate, "seed": seed,
-                                "steps": args.steps, "before": before, "after": after,
+                                "steps": args.steps, **extra, "before": before, "after": after,
                                 "change": after - before, "seconds": time.perf_counter() - started,
                             }  # fmt: skip
                             results.append(record)

@@ -164,20 +164,24 @@ def candidate_masses(
                 inside[None, :], np.ones((1, len(inside)), dtype=bool), np.array([offset])
             )
             target = target[0]
+            # Tokens that end exactly here leave the student's next token to the next teacher
+            # position (empty rest: it may begin any candidate); the others are ambiguous when
+            # a student token may cross their end.
             loose = [
                 (teacher_bytes[u][offset:], probs_V[u])
                 for u, t in zip(inside.tolist(), target.tolist(), strict=True)
-                if t < 0 and len(teacher_bytes[u]) > offset
+                if t < 0
             ]
             for col, c in enumerate(canonical.tolist()):
                 if c < 0:
                     continue
                 mass[col] = probs_V[inside[target == c]].sum()
                 wanted = student_bytes[c]
-                if wanted:
-                    slack[col] = sum(
-                        p for rest, p in loose if rest.startswith(wanted) or wanted.startswith(rest)
-                    )
+                slack[col] = sum(
+                    p
+                    for rest, p in loose
+                    if (wanted and rest.startswith(wanted)) or wanted.startswith(rest)
+                )
             if z > 0:
                 mass /= z
                 slack /= z

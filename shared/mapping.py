@@ -1,4 +1,4 @@
-"""Teacher predictions → signals on the student's own tokens (``mapping.md`` §3 and §4).
+"""Teacher predictions → signals on the student's own tokens (``docs/mapping.md`` §3 and §4).
 
 Input: an ``Alignment`` of the student's completion with the teacher's tokenisation of the same
 bytes, and ``TeacherScores``: at each teacher position ``k`` the top-K ids and log-probs plus the

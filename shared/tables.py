@@ -1,4 +1,4 @@
-"""The teacher-token → longest-student-prefix table of ``mapping.md`` §4.
+"""The teacher-token → longest-student-prefix table of ``docs/mapping.md`` §4.
 
 For every teacher token ``u`` and every byte offset ``o`` inside it, the table answers: which is
 the longest student token that is a prefix of the remaining bytes ``r = b(u)[o:]``, how long is it,

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExactReverseKL", "exact_reverse_kl"]
+__all__ = [
+    "ExactReverseKL",
+    "StepCheck",
+    "TeacherTargets",
+    "exact_reverse_kl",
+    "reverse_kl_to",
+    "teacher_targets",
+]
 
 
 @dataclass(frozen=True)
@@ -62,20 +69,33 @@ class _Pair:
 _PAIRS: dict[tuple[str, int], _Pair] = {}
 
 
-def exact_reverse_kl(
-    student_model: Any,
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The teacher's side of the measure for fixed completions, computed once: per sequence the
+    student's prompt ids, its completion, the student positions kept (§3-scored ones) and the
+    floored teacher distribution over the student's vocabulary there, ``log p̃`` (``rows × V``)."""
+
+    prompt_ids: list[list[int]]
+    completions: list[list[int]]
+    rows: list[np.ndarray]
+    log_p: list[np.ndarray]
+
+
+def teacher_targets(
     student_tokenizer: Any,
+    student_vocab_size: int,
     teacher_dir: Path | str,
     prompts: list[str],
     completions: list[list[int]],
     cache_dir: Path,
     eps: float = 1e-6,
-) -> ExactReverseKL:
-    """The exact per-position reverse KL of ``student_model`` to the teacher in ``teacher_dir`` on
-    the student's ``completions`` of text ``prompts`` (see the module docstring)."""
+) -> TeacherTargets:
+    """The floored teacher distributions ``p̃`` of the student's next token at every position of
+    ``completions`` (see the module docstring); sequences holding bytes the teacher cannot spell
+    are left out."""
     import torch
 
-    from tokenbridge.client.rollout import completion_logprobs, render_student_prompt
+    from tokenbridge.client.rollout import render_student_prompt
     from tokenbridge.shared.align import GAP_ID, align, teacher_view, token_widths
     from tokenbridge.shared.mapping import TeacherScores
 
@@ -84,61 +104,83 @@ def exact_reverse_kl(
     if pair is None:
         pair = _PAIRS[key] = _Pair(Path(teacher_dir), student_tokenizer, cache_dir)
     mapper = pair.mapper
-    out: list[np.ndarray] = []
-    was_training = student_model.training
-    student_model.eval()
-    try:
-        for prompt, completion in zip(prompts, completions, strict=True):
-            if not completion:
-                continue
-            with torch.no_grad():
-                _, _, student_BTV = completion_logprobs(
-                    student_model, [render_student_prompt(student_tokenizer, prompt)],
-                    [list(completion)], full=True,
-                )  # fmt: skip
-            assert student_BTV is not None
-            log_q_TV = student_BTV[0].double().numpy()
-            ids = np.asarray(completion, dtype=np.int64)
-            view = teacher_view(
-                ids, mapper.student, pair.tokenizer, mapper.teacher, mapper.special_map
+    out = TeacherTargets([], [], [], [])
+    for prompt, completion in zip(prompts, completions, strict=True):
+        if not completion:
+            continue
+        ids = np.asarray(completion, dtype=np.int64)
+        view = teacher_view(ids, mapper.student, pair.tokenizer, mapper.teacher, mapper.special_map)
+        if (view.ids == GAP_ID).any():
+            continue  # bytes the teacher cannot spell: no exact answer there
+        teacher_prompt = pair.tokenizer.encode(prompt, add_special_tokens=True) or [
+            pair.tokenizer.bos_token_id or pair.tokenizer.eos_token_id
+        ]
+        sequence = torch.tensor([list(teacher_prompt) + view.ids.tolist()])
+        with torch.no_grad():
+            logits = pair.model(input_ids=sequence).logits[0].double()
+        start = len(teacher_prompt) - 1
+        log_p_MV = torch.log_softmax(logits[start : start + len(view.ids)], -1).numpy()
+        rows = np.arange(len(ids))
+        if mapper.same_vocab:
+            p_TV = np.zeros((len(ids), student_vocab_size))
+            width = min(student_vocab_size, log_p_MV.shape[1])
+            p_TV[:, :width] = np.exp(log_p_MV[:, :width])
+        else:
+            order_MV = np.argsort(-log_p_MV, axis=1)
+            scores = TeacherScores(
+                topk_ids_TK=order_MV,
+                topk_logprobs_TK=np.take_along_axis(log_p_MV, order_MV, axis=1),
+                actual_logprobs_T=log_p_MV[np.arange(len(view.ids)), view.ids],
             )
-            if (view.ids == GAP_ID).any():
-                continue  # bytes the teacher cannot spell: no exact answer there
-            teacher_prompt = pair.tokenizer.encode(prompt, add_special_tokens=True) or [
-                pair.tokenizer.bos_token_id or pair.tokenizer.eos_token_id
-            ]
-            sequence = torch.tensor([list(teacher_prompt) + view.ids.tolist()])
-            with torch.no_grad():
-                logits = pair.model(input_ids=sequence).logits[0].double()
-            start = len(teacher_prompt) - 1
-            log_p_MV = torch.log_softmax(logits[start : start + len(view.ids)], -1).numpy()
-            if mapper.same_vocab:
-                p_TV = np.exp(log_p_MV[:, : log_q_TV.shape[1]])
-            else:
-                order_MV = np.argsort(-log_p_MV, axis=1)
-                scores = TeacherScores(
-                    topk_ids_TK=order_MV,
-                    topk_logprobs_TK=np.take_along_axis(log_p_MV, order_MV, axis=1),
-                    actual_logprobs_T=log_p_MV[np.arange(len(view.ids)), view.ids],
-                )
-                alignment = align(token_widths(mapper.student, ids), view.widths)
-                mapped = mapper.map(ids, view.ids, alignment, scores, mapper.student.size)
-                p_TV = np.zeros_like(log_q_TV)
-                rows, cols = np.nonzero(mapped.topk_ids_SK >= 0)
-                targets = mapped.topk_ids_SK[rows, cols]
-                keep = targets < p_TV.shape[1]
-                mass = np.exp(mapped.topk_logprobs_SK[rows, cols].astype(np.float64))
-                np.add.at(p_TV, (rows[keep], targets[keep]), mass[keep])
-                log_q_TV = log_q_TV[mapped.scored_S]
-                p_TV = p_TV[mapped.scored_S]
-            floored_TV = np.maximum(p_TV, eps)
-            floored_TV /= floored_TV.sum(axis=1, keepdims=True)
-            q_TV = np.exp(log_q_TV)
-            out.append((q_TV * (log_q_TV - np.log(floored_TV))).sum(axis=1))
+            alignment = align(token_widths(mapper.student, ids), view.widths)
+            mapped = mapper.map(ids, view.ids, alignment, scores, mapper.student.size)
+            p_TV = np.zeros((len(ids), student_vocab_size))
+            hit, cols = np.nonzero(mapped.topk_ids_SK >= 0)
+            targets = mapped.topk_ids_SK[hit, cols]
+            keep = targets < student_vocab_size
+            mass = np.exp(mapped.topk_logprobs_SK[hit, cols].astype(np.float64))
+            np.add.at(p_TV, (hit[keep], targets[keep]), mass[keep])
+            rows = np.flatnonzero(mapped.scored_S)
+            p_TV = p_TV[rows]
+        floored_TV = np.maximum(p_TV, eps)
+        floored_TV /= floored_TV.sum(axis=1, keepdims=True)
+        out.prompt_ids.append(render_student_prompt(student_tokenizer, prompt))
+        out.completions.append(list(completion))
+        out.rows.append(rows)
+        out.log_p.append(np.log(floored_TV))
+    return out
+
+
+def reverse_kl_to(model: Any, targets: TeacherTargets, grad: bool = False) -> Any:
+    """``KL(q ‖ p̃)`` of ``model`` at every kept position of ``targets``, as one 1-D tensor (with
+    the graph when ``grad``, for the exact gradient beside an estimate)."""
+    import torch
+
+    from tokenbridge.client.rollout import completion_logprobs
+
+    values = []
+    with torch.set_grad_enabled(grad):
+        for prompt_ids, completion, rows, log_p in zip(
+            targets.prompt_ids, targets.completions, targets.rows, targets.log_p, strict=True
+        ):
+            _, _, log_q_BTV = completion_logprobs(model, [prompt_ids], [completion], full=True)
+            assert log_q_BTV is not None
+            log_q = log_q_BTV[0, torch.as_tensor(rows)].double()
+            values.append((log_q.exp() * (log_q - torch.as_tensor(log_p))).sum(-1))
+    return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+
+
+def exact_reverse_kl(model: Any, targets: TeacherTargets) -> ExactReverseKL:
+    """The exact per-position reverse KL of ``model`` on ``targets`` (eval mode, no graph)."""
+    was_training = model.training
+    model.eval()
+    try:
+        values = reverse_kl_to(model, targets).numpy()
     finally:
         if was_training:
-            student_model.train()
-    return ExactReverseKL(out)
+            model.train()
+    sizes = np.cumsum([len(rows) for rows in targets.rows])[:-1]
+    return ExactReverseKL(list(np.split(values, sizes)))
 
 
 class StepCheck:
@@ -212,11 +254,10 @@ class StepCheck:
             self._loaded[pair] = (AutoTokenizer.from_pretrained(path), model.eval())
         return self._loaded[pair]
 
-    def validation_completions(
-        self, pair: str, count: int, seed: int = 1234
-    ) -> tuple[list[str], list[list[int]]]:
-        """The warm start's own samples (temperature 1, seeded) of ``count`` validation prompts:
-        the fixed states every measurement of ``pair`` runs on."""
+    def validation_completions(self, pair: str, count: int, seed: int = 1234) -> TeacherTargets:
+        """The warm start's own samples (temperature 1, seeded) of ``count`` validation prompts,
+        with the teacher's distributions there: the fixed states every measurement of ``pair``
+        runs on."""
         from tokenbridge.client.rollout import sample
 
         tokenizer, model = self.student(pair)
@@ -224,19 +265,15 @@ class StepCheck:
         rollout = sample(
             model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, generator_seed=seed
         )
-        return prompts, rollout.completion_ids
+        return teacher_targets(
+            tokenizer, model.config.vocab_size, self.teacher_dir, prompts,
+            rollout.completion_ids, self.cache_dir,
+        )  # fmt: skip
 
-    def exact(
-        self, pair: str, model: Any | None, validation: tuple[list[str], list[list[int]]]
-    ) -> float:
+    def exact(self, pair: str, model: Any | None, targets: TeacherTargets) -> float:
         """Mean exact per-position reverse KL of ``model`` (None: the warm start) to the teacher
-        on ``validation``'s completions."""
-        tokenizer, start = self.student(pair)
-        prompts, completions = validation
-        return exact_reverse_kl(
-            model if model is not None else start, tokenizer, self.teacher_dir, prompts,
-            completions, self.cache_dir,
-        ).mean  # fmt: skip
+        on ``targets``."""
+        return exact_reverse_kl(model if model is not None else self.student(pair)[1], targets).mean
 
     def train(self, pair: str, **overrides: Any) -> Any:
         """A copy of ``pair``'s warm start after ``tokenbridge train`` with ``overrides`` (its

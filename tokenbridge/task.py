@@ -17,11 +17,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "Problem",
     "accuracy",
     "bits_per_byte",
     "continuation_ids",
+    "corrupt",
+    "corrupted_example",
     "parse_answer",
     "split_problems",
     "student_example",
@@ -64,6 +68,21 @@ class Problem:
             steps.append("+".join(map(str, terms)) + f"={total}")
             carry = total // 10
         return " " + ", ".join(steps) + f", so {self.answer}."
+
+
+def corrupt(problem: Problem, rng: random.Random) -> tuple[str, str]:
+    """``problem``'s solution with one digit of its worked steps made wrong: (the prefix up to and
+    including the wrong digit, the correct rest of the solution).
+
+    A model fitted on these, with loss on the rest only, learns what a real LLM knows off its own
+    traces: after a mistake the right next step, and the right answer, still follow.
+    """
+    solution = problem.solution
+    steps_end = solution.index(", so")
+    digits = [i for i, char in enumerate(solution[:steps_end]) if char.isdigit()]
+    at = rng.choice(digits)
+    wrong = rng.choice([d for d in "0123456789" if d != solution[at]])
+    return solution[:at] + wrong, solution[at + 1 :]
 
 
 def parse_answer(completion: str) -> int | None:
@@ -118,6 +137,27 @@ def student_example(tokenizer: Any, problem: Problem) -> tuple[list[int], list[i
     if tokenizer.eos_token_id is not None:
         completion_ids.append(tokenizer.eos_token_id)
     return prompt_ids, completion_ids
+
+
+def corrupted_example(
+    tokenizer: Any, problem: Problem, rng: random.Random
+) -> tuple[list[int], list[int], int]:
+    """``student_example`` of a solution with one wrong digit (``corrupt``), and the index of the
+    first completion token that starts after the wrong digit: the loss covers only those (the
+    correct rest), never the mistake."""
+    from tokenbridge.client.rollout import render_student_prompt
+    from tokenbridge.shared.align import token_widths
+
+    prefix, rest = corrupt(problem, rng)
+    prompt_ids = render_student_prompt(tokenizer, problem.prompt)
+    completion_ids = continuation_ids(tokenizer, prefix + rest)
+    vocab = _VOCABS[id(tokenizer)][1]
+    ends = np.cumsum(token_widths(vocab, completion_ids))
+    starts = ends - token_widths(vocab, completion_ids)
+    loss_from = int(np.searchsorted(starts, len(prefix.encode("utf-8")), side="left"))
+    if tokenizer.eos_token_id is not None:
+        completion_ids.append(tokenizer.eos_token_id)
+    return prompt_ids, completion_ids, loss_from
 
 
 def accuracy(

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.task import Problem, student_example
+from tokenbridge.task import Problem, corrupted_example, student_example
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 __all__ = ["FitSpec", "fit_task_model"]
@@ -47,26 +47,40 @@ class FitSpec:
         default=0,
         metadata={"help": "steps that then push the unused ids' logits down (output rows only)"},
     )
+    corrupt: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of examples whose steps carry one wrong digit, with loss only on the "
+            "correct rest (a teacher that knows the right next step off its own traces)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or min(self.examples, self.unused_steps) < 0:
             raise ValueError("steps and batch_size must be >= 1, examples and unused_steps >= 0")
+        if not 0.0 <= self.corrupt <= 1.0:
+            raise ValueError("corrupt must lie in [0, 1]")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be > 0")
 
 
-def _batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+Example = tuple[list[int], list[int], int]
+
+
+def _batch(examples: Sequence[Example], pad_id: int) -> tuple[Any, Any, Any]:
+    """Padded ids, attention mask and labels; an example's loss starts at its third item (the
+    first completion token after a planted mistake; 0 for a clean one)."""
     import torch
 
-    width = max(len(p) + len(c) for p, c in examples)
+    width = max(len(p) + len(c) for p, c, _ in examples)
     ids_BL = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels_BL = torch.full((len(examples), width), -100, dtype=torch.long)
     mask_BL = torch.zeros((len(examples), width), dtype=torch.long)
-    for b, (prompt, completion) in enumerate(examples):
+    for b, (prompt, completion, loss_from) in enumerate(examples):
         sequence = prompt + completion
         ids_BL[b, : len(sequence)] = torch.tensor(sequence)
         mask_BL[b, : len(sequence)] = 1
-        labels_BL[b, len(prompt) : len(sequence)] = torch.tensor(completion)
+        labels_BL[b, len(prompt) + loss_from : len(sequence)] = torch.tensor(completion[loss_from:])
     return ids_BL, mask_BL, labels_BL
 
 
@@ -91,7 +105,9 @@ def fit_task_model(
     folder = Path(folder)
     chosen = list(problems[: fit.examples] if fit.examples else problems)
     # A field at its default that older fits lacked is left out, so their caches stay valid.
-    fit_settings = {k: v for k, v in asdict(fit).items() if k != "unused_steps" or v}
+    fit_settings = {
+        k: v for k, v in asdict(fit).items() if k not in ("unused_steps", "corrupt") or v
+    }
     settings = {
         "model": asdict(spec),
         "fit": fit_settings,
@@ -106,8 +122,12 @@ def fit_task_model(
         build_tiny_model(spec, workdir / "init", cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(workdir / "init"))
         model = AutoModelForCausalLM.from_pretrained(str(workdir / "init"), dtype=torch.float32)
-        examples = [student_example(tokenizer, p) for p in chosen]
-        _fit(model, tokenizer, examples, fit, progress, desc)
+        examples: list[Example] = [(*student_example(tokenizer, p), 0) for p in chosen]
+        corrupted: list[Example] = []
+        if fit.corrupt:
+            rng = random.Random(fit.seed + 1)
+            corrupted = [corrupted_example(tokenizer, p, rng) for p in chosen]
+        _fit(model, tokenizer, examples, corrupted, fit, progress, desc)
         model.save_pretrained(str(workdir / "model"))
         tokenizer.save_pretrained(str(workdir / "model"))
         (workdir / "model" / _FIT_FILE).write_text(json.dumps(settings))
@@ -122,7 +142,8 @@ def fit_task_model(
 def _fit(
     model: Any,
     tokenizer: Any,
-    examples: list[tuple[list[int], list[int]]],
+    examples: list[Example],
+    corrupted: list[Example],
     fit: FitSpec,
     progress: bool,
     desc: str,
@@ -135,7 +156,9 @@ def _fit(
     if model.get_input_embeddings().weight is not weight_VD:
         raise ValueError("fit_task_model needs tied input and output embeddings")
     vocab = weight_VD.shape[0]
-    used = sorted({i for prompt, completion in examples for i in prompt + completion})
+    used = sorted(
+        {i for prompt, completion, _ in [*examples, *corrupted] for i in prompt + completion}
+    )
     used_U = torch.tensor(used)
     with torch.no_grad():
         kept_UD = weight_VD[used_U].clone()
@@ -154,10 +177,13 @@ def _fit(
     model.train()
     bar = tqdm(range(fit.steps), desc=desc, unit="step", disable=not progress, mininterval=1.0)
     started = time.perf_counter()
+
+    def draw() -> Example:
+        pool = corrupted if corrupted and order.random() < fit.corrupt else examples
+        return pool[order.randrange(len(pool))]
+
     for _ in bar:
-        ids_BL, mask_BL, labels_BL = _batch(
-            [examples[order.randrange(len(examples))] for _ in range(fit.batch_size)], pad_id
-        )
+        ids_BL, mask_BL, labels_BL = _batch([draw() for _ in range(fit.batch_size)], pad_id)
         hidden_BLD = model.base_model(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
         logits_BLU = hidden_BLD[:, :-1] @ weight_VD[used_U].T
         unused_BL1 = torch.full_like(logits_BLU[..., :1], log_unused)
@@ -182,7 +208,7 @@ def _fit(
 
 def _push_down_unused(
     model: Any,
-    examples: list[tuple[list[int], list[int]]],
+    examples: list[Example],
     used_U: Any,
     fit: FitSpec,
     pad_id: int,

@@ -74,7 +74,8 @@ def _naive(mapper, alignment, teacher_ids, rows, candidates_SC):
                 continue
             z += p
             rest = b[offset:]
-            if not rest:
+            if not rest:  # ends exactly here: the next teacher position decides
+                loose.append((rest, p))
                 continue
             best = max((cut for cut in range(1, len(rest) + 1) if rest[:cut] in student_set),
                        default=0)  # fmt: skip
@@ -90,8 +91,9 @@ def _naive(mapper, alignment, teacher_ids, rows, candidates_SC):
             c = int(mapper.student_canonical[c])
             out[j, col] = mass.get(c, 0.0) / z
             want = student_bytes[c]
-            if want:
-                slack[j, col] = sum(p for r, p in loose if r.startswith(want) or want.startswith(r)) / z
+            slack[j, col] = (
+                sum(p for r, p in loose if (want and r.startswith(want)) or want.startswith(r)) / z
+            )
     return out, slack
 
 

@@ -159,14 +159,18 @@ def test_baselines_cut_the_variance_of_the_sampled_gradient_and_keep_its_mean():
             "none": None,
             "group": group_baseline(q - old, mask, torch.zeros(group, dtype=torch.long)),
             "position": position_baseline(
-                log_pi.expand(group, 1, vocab), torch.arange(vocab).expand(group, 1, vocab),
-                teacher.expand(group, 1, vocab), mask,
-            ),  # fmt: skip
+                log_pi.expand(group, 1, vocab),
+                torch.arange(vocab).expand(group, 1, vocab),
+                teacher.expand(group, 1, vocab),
+                mask,
+            ),
         }
         for name, baseline in baselines.items():
             leaf = logits.clone().requires_grad_(True)
             current = torch.log_softmax(leaf, -1)[tokens][:, None]  # group × 1
-            out = reverse_kl_advantage_loss(current, old, q, mask, clip="none", baseline_BT=baseline)
+            out = reverse_kl_advantage_loss(
+                current, old, q, mask, clip="none", baseline_BT=baseline
+            )
             (grad,) = torch.autograd.grad(out.loss, leaf)
             grads[name].append(grad)
     spread = {}
