@@ -590,6 +590,9 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
                 totals["student_tokens"] += rollout.tokens
                 totals["teacher_tokens"] += teacher_tokens
                 totals["teacher_flops"] = totals.get("teacher_flops", 0) + _usage_flops(answer)
+                totals["teacher_engine_s"] = totals.get("teacher_engine_s", 0.0) + float(
+                    answer.usage.get("teacher_engine_s") or 0.0
+                )
                 totals["teacher_wait_s"] += wait_s
                 last = {
                     "step": step,
@@ -605,6 +608,7 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
                     "staleness": cfg.pipeline_depth,
                     "teacher_tokens_total": totals["teacher_tokens"],
                     "teacher_flops_total": totals["teacher_flops"],
+                    "teacher_engine_s_total": totals["teacher_engine_s"],
                     "teacher_resubmits_total": totals.get("resubmits", 0),
                     **{
                         f"teacher_{name}_total": float(value)

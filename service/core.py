@@ -401,6 +401,7 @@ class Teacher:
                 "teacher_completion_tokens": tokens - prompt_tokens,
                 "teacher_tokens": tokens,
                 "teacher_flops": self._teacher_flops([p.teacher_tokens for p in prepared]),
+                "teacher_engine_s": engine_done - prepared_at,
             },
             "timings": {
                 "prepare_s": prepared_at - started,
@@ -488,6 +489,7 @@ class Teacher:
         self._tasks_in_flight += 1
         try:
             async with self.admission.admit(tokens):
+                engine_started = time.perf_counter()
                 results = await self._engine_call(
                     asyncio.gather(
                         *(
@@ -504,6 +506,7 @@ class Teacher:
                         )
                     )
                 )
+                engine_s = time.perf_counter() - engine_started
         finally:
             self._tasks_in_flight -= 1
         completion_tokens = sum(len(r.ids) for r in results)
@@ -521,6 +524,7 @@ class Teacher:
                 "teacher_completion_tokens": completion_tokens,
                 "teacher_tokens": prompt_tokens + completion_tokens,
                 "teacher_flops": self._teacher_flops(lengths),
+                "teacher_engine_s": engine_s,
             },
             "teacher": self._teacher_stamp(),
         }

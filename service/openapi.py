@@ -111,6 +111,12 @@ _TEACHER_INFO = _object(
     },
 )
 
+#: Generation and scoring cost the same FLOPs per token but not the same time on a real server.
+_ENGINE_SECONDS = {
+    **_NUMBER,
+    "description": "seconds the teacher's engine spent on this request (measured, wall clock)",
+}
+
 _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": ERROR_SCHEMA,
     "Health": _object({"status": _STRING, "state": _STRING}),
@@ -193,6 +199,7 @@ _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                     "teacher_completion_tokens": _INTEGER,
                     "teacher_tokens": _INTEGER,
                     "teacher_flops": {"type": ["integer", "null"]},
+                    "teacher_engine_s": _ENGINE_SECONDS,
                 }
             ),
             "timings": _object({"prepare_s": _NUMBER, "engine_s": _NUMBER, "mapping_s": _NUMBER}),
@@ -216,6 +223,7 @@ _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                     "teacher_completion_tokens": _INTEGER,
                     "teacher_tokens": _INTEGER,
                     "teacher_flops": {"type": ["integer", "null"]},
+                    "teacher_engine_s": _ENGINE_SECONDS,
                 }
             ),
             "teacher": _TEACHER_STAMP,

@@ -212,19 +212,16 @@ class StepCheck:
         cache_dir: Path,
         folder: Path,
         pairs: list[str],
-        validation_size: int = 200,
         seed: int = 0,
     ) -> StepCheck:
         """Fit or load the models of experiment config ``cfg`` and start the service."""
         import contextlib
         import json
 
-        from tokenbridge.experiment import build_models
+        from tokenbridge.experiment import build_models, task_split
         from tokenbridge.process import serve_process
-        from tokenbridge.task import split_problems
 
-        train, _ = split_problems(cfg.digits, cfg.held_out, seed=0)
-        train, validation = train[:-validation_size], train[-validation_size:]
+        train, validation, _ = task_split(cfg)
         teacher_dir, warm = build_models(
             cfg, cache_dir, train, sorted(set(pairs)), log=lambda _: None
         )

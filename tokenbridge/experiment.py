@@ -62,11 +62,12 @@ class Arm:
 
 
 ARMS: dict[str, Arm] = {
-    "opd_reverse_kl": Arm("cross", "reverse_kl", "cross-tok. OPD, reverse KL"),
+    "opd_candidate_kl": Arm("cross", "candidate_reverse_kl", "cross-tok. OPD, exact candidate KL"),
+    "opd_reverse_kl": Arm("cross", "reverse_kl", "cross-tok. OPD, sampled reverse KL"),
     "opd_topk_kl": Arm("cross", "forward_kl", "cross-tok. OPD, top-K KL"),
     "opd_semantic_prior": Arm("cross", "semantic_prior", "cross-tok. OPD, semantic prior"),
     "sft": Arm("cross", "sft", "SFT on teacher samples"),
-    "same_tokenizer_opd": Arm("same", "reverse_kl", "same-tok. OPD (reference)"),
+    "same_tokenizer_opd": Arm("same", "candidate_reverse_kl", "same-tok. OPD (reference)"),
     "none": Arm("cross", None, "no distillation"),
 }
 
@@ -80,15 +81,26 @@ class ExperimentConfig:
     arms: tuple[str, ...] = field(default=tuple(ARMS), metadata={"help": " | ".join(ARMS)})
     digits: int = field(default=2, metadata={"help": "digits per operand"})
     held_out: int = field(default=200, metadata={"help": "problems no model ever trains on"})
-    eval_problems: int = field(default=100, metadata={"help": "held-out problems per evaluation"})
+    eval_problems: int = field(default=200, metadata={"help": "held-out problems per evaluation"})
     kl_eval_prompts: int = field(
-        default=16, metadata={"help": "held-out prompts for the reverse KL to the teacher"}
+        default=128, metadata={"help": "held-out samples for the reverse KL to the teacher"}
+    )
+    validation_problems: int = field(
+        default=200,
+        metadata={"help": "train problems set aside to choose each arm's learning rate on"},
     )
     teacher_tokenizer: str = field(default="gpt2", metadata={"help": "teacher's tokenizer"})
     teacher_architecture: str = field(default="gpt2", metadata={"help": "gpt2 | llama"})
     teacher_hidden: int = field(default=128, metadata={"help": "teacher hidden size"})
     teacher_layers: int = field(default=4, metadata={"help": "teacher layers"})
     teacher_fit_steps: int = field(default=1200, metadata={"help": "teacher training steps"})
+    teacher_corrupt: float = field(
+        default=0.5,
+        metadata={
+            "help": "share of the teacher's fitting examples with one wrong digit planted in "
+            "their steps, loss on the correct rest only (so it knows the way back off its traces)"
+        },
+    )
     student_tokenizer: str = field(
         default="mistral-v1", metadata={"help": "cross-tokenizer student's tokenizer"}
     )
@@ -101,7 +113,15 @@ class ExperimentConfig:
     )
     steps: int = field(default=60, metadata={"help": "training steps per arm"})
     batch_size: int = field(default=32, metadata={"help": "prompts per step"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "students' learning rate"})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "one learning rate for every arm (none: each arm's best of "
+                  "--learning-rates on the validation problems, seed 0)"},
+    )  # fmt: skip
+    learning_rates: tuple[float, ...] = field(
+        default=(1e-4, 3e-4, 1e-3),
+        metadata={"help": "the grid each arm's learning rate is chosen from"},
+    )
     warmup_steps: int = field(
         default=10, metadata={"help": "linear warm-up (a fresh optimiser's first steps are large)"}
     )
@@ -121,9 +141,15 @@ class ExperimentConfig:
             problems.append("seeds and arms must not repeat")
         if self.eval_problems > self.held_out or self.kl_eval_prompts > self.held_out:
             problems.append("eval_problems and kl_eval_prompts must not exceed held_out")
+        if not self.learning_rates or min(self.learning_rates) <= 0:
+            problems.append("learning_rates needs at least one rate, all > 0")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            problems.append("learning_rate must be > 0")
+        if not 0.0 <= self.teacher_corrupt <= 1.0:
+            problems.append("teacher_corrupt must lie in [0, 1]")
         for name in ("steps", "batch_size", "eval_every", "eval_problems", "max_new_tokens",
                      "teacher_fit_steps", "warm_start_steps", "warm_start_examples",
-                     "top_k"):  # fmt: skip
+                     "top_k", "validation_problems"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         for who in ("teacher", "student"):
@@ -132,6 +158,7 @@ class ExperimentConfig:
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "learning_rates", tuple(self.learning_rates))
 
 
 #: Named sizes: ``full`` (the README's numbers, under an hour here), ``smoke`` (CI: minutes, the
@@ -150,12 +177,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 4,
         "eval_problems": 24,
         "kl_eval_prompts": 16,
+        "validation_problems": 24,
     },
     "demo": {
         "seeds": (0,),
-        "arms": ("none", "opd_reverse_kl"),
+        "arms": ("none", "opd_candidate_kl"),
         "steps": 40,
         "eval_every": 10,
+        "learning_rate": 3e-4,
     },
 }
 
@@ -195,7 +224,17 @@ def _model_name(spec: TinyModelSpec, fit: FitSpec, role: str) -> str:
         f"task-{role}-{spec.architecture}-{tokenizer}-h{spec.hidden}-l{spec.layers}"
         f"-s{spec.seed}-f{fit.steps}x{fit.batch_size}"
         + (f"-u{fit.unused_steps}" if fit.unused_steps else "")
+        + (f"-c{round(fit.corrupt * 100)}" if fit.corrupt else "")
     )
+
+
+def task_split(cfg: ExperimentConfig) -> tuple[list[Any], list[Any], list[Any]]:
+    """(train, validation, held out) problems: the held-out ones no model ever trains on and
+    only the final numbers read; the validation ones, set aside from the train problems, choose
+    the learning rates; everything fits and trains on the rest."""
+    train, held_out = split_problems(cfg.digits, cfg.held_out, seed=0)
+    cut = len(train) - cfg.validation_problems
+    return train[:cut], train[cut:], held_out
 
 
 def build_models(
@@ -209,7 +248,7 @@ def build_models(
     ``same``), fitted here or read from ``cache_dir/models``."""
     models_dir = cache_dir / "models"
     teacher_spec = _teacher_spec(cfg)
-    teacher_fit = FitSpec(steps=cfg.teacher_fit_steps)
+    teacher_fit = FitSpec(steps=cfg.teacher_fit_steps, corrupt=cfg.teacher_corrupt)
     log(f"teacher: {teacher_spec.architecture} over {cfg.teacher_tokenizer}, fitted here")
     teacher_dir = fit_task_model(
         teacher_spec, teacher_fit, train_problems,
@@ -241,12 +280,11 @@ def run_experiment(
 ) -> ExperimentResult:
     """Run every arm for every seed (reusing finished runs) and write the results."""
 
-    from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
     from tokenbridge.process import serve_process
 
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_problems, held_out = split_problems(cfg.digits, cfg.held_out, seed=0)
+    train_problems, validation, held_out = task_split(cfg)
     eval_set = held_out[: cfg.eval_problems]
     kl_prompts = [p.prompt for p in held_out[: cfg.kl_eval_prompts]]
 
@@ -266,15 +304,12 @@ def run_experiment(
     log("starting the teacher service (its own process) ...")
     with serve_process(serve_args, out_dir, env=env) as (url, _, service_log):
         log(f"teacher service ready at {url} (log: {service_log})")
-        with SyncTeacherClient(TeacherClientConfig(urls=(url,), top_k=cfg.top_k)) as client:
-            reference = client.generate(
-                [p.prompt for p in eval_set], max_tokens=cfg.max_new_tokens, temperature=0.0
-            )
-        teacher_texts = [c.text for c in reference.completions]
-        teacher_accuracy = sum(
-            parse_answer(t) == p.answer for t, p in zip(teacher_texts, eval_set, strict=True)
-        ) / len(eval_set)
-        log(f"teacher accuracy on {len(eval_set)} held-out problems: {teacher_accuracy:.1%}")
+        teacher = _teacher_quality(url, cfg, eval_set)
+        teacher_texts = teacher.pop("texts")
+        log(
+            f"teacher accuracy on {len(eval_set)} held-out problems: {teacher['accuracy']:.1%}; "
+            f"after a planted wrong digit: {teacher['accuracy_after_error']:.1%}"
+        )
 
         def task_metrics(model: Any, tokenizer: Any) -> dict[str, float]:
             return {
@@ -282,33 +317,49 @@ def run_experiment(
                 "bits_per_byte": bits_per_byte(
                     model, tokenizer, [p.prompt for p in eval_set], teacher_texts
                 ),
+                "val_accuracy": accuracy(model, tokenizer, validation, cfg.max_new_tokens),
             }
 
         runs: dict[str, dict[int, list[dict[str, float]]]] = {arm: {} for arm in cfg.arms}
-        total = len(cfg.arms) * len(cfg.seeds)
+        starts = {
+            (kind, seed): _start_point(
+                warm[kind, seed], url, cfg, kl_prompts, task_metrics, seed,
+                out_dir / "warm-start" / f"{kind}-seed{seed}.json", eval_set,
+            )
+            for seed in cfg.seeds
+            for kind in kinds
+        }  # fmt: skip
+        chosen: dict[str, float] = {}
+        rates = (cfg.learning_rate,) if cfg.learning_rate is not None else cfg.learning_rates
+        total = sum(
+            0 if ARMS[a].loss is None else len(rates) + len(cfg.seeds) - 1 for a in cfg.arms
+        )
         done = 0
-        for seed in cfg.seeds:
-            starts = {
-                kind: _start_point(
-                    warm[kind, seed], url, cfg, kl_prompts, task_metrics, seed,
-                    out_dir / "warm-start" / f"{kind}-seed{seed}.json",
-                )
-                for kind in kinds
-            }  # fmt: skip
-            for arm in cfg.arms:
-                done += 1
-                log(f"[{done}/{total}] {arm}, seed {seed}")
-                start = starts[ARMS[arm].student]
-                if ARMS[arm].loss is None:
-                    runs[arm][seed] = [start]
-                    continue
-                trained = _train_arm(
-                    cfg, arm, seed, warm[ARMS[arm].student, seed], url, prompts_path,
-                    task_metrics,
-                )  # fmt: skip
-                runs[arm][seed] = [start, *trained]
+        for arm in cfg.arms:
+            kind = ARMS[arm].student
+            if ARMS[arm].loss is None:
+                runs[arm] = {seed: [starts[kind, seed]] for seed in cfg.seeds}
+                continue
+            first = cfg.seeds[0]
 
-    summary = summarise(cfg, runs, teacher_accuracy, teacher_dir)
+            def train(seed: int, rate: float, arm: str = arm, kind: str = kind) -> list[Any]:
+                nonlocal done
+                done += 1
+                log(f"[{done}/{total}] {arm}, seed {seed}, learning rate {rate:g}")
+                return _train_arm(
+                    cfg, arm, seed, warm[kind, seed], url, prompts_path, task_metrics, rate
+                )
+
+            # The learning rate is chosen on the validation problems of the first seed's runs;
+            # the held-out numbers of those runs play no part in the choice.
+            trials = {rate: train(first, rate) for rate in rates}
+            best = max(rates, key=lambda r: (trials[r][-1]["val_accuracy"], -r))
+            chosen[arm] = best
+            runs[arm][first] = [starts[kind, first], *trials[best]]
+            for seed in cfg.seeds[1:]:
+                runs[arm][seed] = [starts[kind, seed], *train(seed, best)]
+
+    summary = summarise(cfg, runs, teacher, teacher_dir, chosen)
     results_json = out_dir / "results.json"
     results_json.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
     table_path = out_dir / "results.md"
@@ -318,7 +369,48 @@ def run_experiment(
     return ExperimentResult(summary, results_json, table_path, plot_path)
 
 
-_POINT_KEYS = ("accuracy", "bits_per_byte", "eval_reverse_kl_per_byte")
+_POINT_KEYS = (
+    "accuracy",
+    "bits_per_byte",
+    "eval_reverse_kl_per_byte",
+    "val_accuracy",
+    "sampled_accuracy",
+    "train_reverse_kl_per_token",
+)
+
+
+def _teacher_quality(url: str, cfg: ExperimentConfig, problems: list[Any]) -> dict[str, Any]:
+    """The teacher's greedy accuracy on ``problems``, its texts (the bits-per-byte reference),
+    and its accuracy when a wrong digit is planted in its steps first: whether it finds the way
+    back from a student's mistake, which on-policy distillation relies on."""
+    import random
+
+    from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
+    from tokenbridge.task import corrupt
+
+    rng = random.Random(0)
+    prefixes = [corrupt(p, rng)[0] for p in problems]
+    with SyncTeacherClient(TeacherClientConfig(urls=(url,), top_k=cfg.top_k)) as client:
+        clean = client.generate(
+            [p.prompt for p in problems], max_tokens=cfg.max_new_tokens, temperature=0.0
+        )
+        after_error = client.generate(
+            [p.prompt + prefix for p, prefix in zip(problems, prefixes, strict=True)],
+            max_tokens=cfg.max_new_tokens, temperature=0.0,
+        )  # fmt: skip
+    texts = [c.text for c in clean.completions]
+
+    def right(completions: list[str]) -> float:
+        hits = [parse_answer(t) == p.answer for t, p in zip(completions, problems, strict=True)]
+        return sum(hits) / len(problems)
+
+    return {
+        "accuracy": right(texts),
+        "accuracy_after_error": right(
+            [x + c.text for x, c in zip(prefixes, after_error.completions, strict=True)]
+        ),
+        "texts": texts,
+    }
 
 
 def _start_point(
@@ -329,6 +421,7 @@ def _start_point(
     task_metrics: Callable[[Any, Any], dict[str, float]],
     seed: int,
     path: Path,
+    eval_set: list[Any],
 ) -> dict[str, float]:
     """The warm start's metrics (teacher compute 0), cached beside the runs."""
     import torch
@@ -352,7 +445,12 @@ def _start_point(
         "step": 0,
         "teacher_tokens_total": 0,
         "teacher_flops_total": 0,
+        "teacher_engine_s_total": 0.0,
         **task_metrics(model, tokenizer),
+        # Temperature 1, as on-policy training samples: the warm starts are matched on this.
+        "sampled_accuracy": accuracy(
+            model, tokenizer, eval_set, cfg.max_new_tokens, temperature=1.0, seed=seed
+        ),
         "eval_reverse_kl_per_byte": kl["eval_reverse_kl_per_byte"],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -360,12 +458,14 @@ def _start_point(
     return point
 
 
-def _run_settings(cfg: ExperimentConfig, arm: str, seed: int) -> dict[str, Any]:
+def _run_settings(
+    cfg: ExperimentConfig, arm: str, seed: int, rate: float | None = None
+) -> dict[str, Any]:
     """What a finished run depends on: reused only when all of it matches."""
     keep = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    for name in ("out_dir", "seeds", "arms", "progress"):
+    for name in ("out_dir", "seeds", "arms", "progress", "learning_rate", "learning_rates"):
         keep.pop(name)
-    return json.loads(json.dumps({"arm": arm, "seed": seed, **keep}, default=str))
+    return json.loads(json.dumps({"arm": arm, "seed": seed, "rate": rate, **keep}, default=str))
 
 
 def _train_arm(
@@ -376,14 +476,17 @@ def _train_arm(
     url: str,
     prompts_path: Path,
     task_metrics: Callable[[Any, Any], dict[str, float]],
+    rate: float,
 ) -> list[dict[str, float]]:
-    """Train one arm for one seed through the service; its evaluation points."""
+    """Train one arm for one seed at learning rate ``rate`` through the service; its evaluation
+    points, each with the training batches' sampled reverse KL per token averaged over the steps
+    since the previous point (one batch is too noisy to read)."""
     from tokenbridge.client.config import TrainConfig
     from tokenbridge.client.train import METRICS, main
 
-    run_dir = cfg.out_dir / "runs" / f"{arm}-seed{seed}"
+    run_dir = cfg.out_dir / "runs" / f"{arm}-seed{seed}-lr{rate:g}"
     done_path = run_dir / "points.json"
-    settings = _run_settings(cfg, arm, seed)
+    settings = _run_settings(cfg, arm, seed, rate)
     if done_path.is_file():
         saved = json.loads(done_path.read_text())
         if saved.get("settings") == settings:
@@ -394,19 +497,27 @@ def _train_arm(
         student=str(student_dir), teacher_urls=(url,), prompts=prompts_path,
         eval_prompts=cfg.kl_eval_prompts, loss=loss, top_k=cfg.top_k, steps=cfg.steps,
         batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, seed=seed, out_dir=run_dir,
+        learning_rate=rate, warmup_steps=cfg.warmup_steps, seed=seed, out_dir=run_dir,
         checkpoint_every=cfg.steps, eval_every=cfg.eval_every, progress=cfg.progress,
     )  # fmt: skip
     main(train_cfg, extra_eval=task_metrics)
     points = []
+    block: list[float] = []
     for line in (run_dir / METRICS).read_text().splitlines():
         record = json.loads(line)
+        for entry in record.get("teachers", {}).values():
+            if "reverse_kl_per_token" in entry:
+                block.append(float(entry["reverse_kl_per_token"]))
         if "accuracy" in record:
+            if block:
+                record["train_reverse_kl_per_token"] = sum(block) / len(block)
+            block = []
             points.append(
                 {
                     "step": record["step"],
                     "teacher_tokens_total": record["teacher_tokens_total"],
                     "teacher_flops_total": record["teacher_flops_total"],
+                    "teacher_engine_s_total": record.get("teacher_engine_s_total", 0.0),
                     **{k: record[k] for k in _POINT_KEYS if k in record},
                 }
             )
@@ -451,20 +562,52 @@ def _compute_to_reach(curve: list[tuple[float, float, float]], target: float) ->
     return None
 
 
+def _paired_difference(
+    runs: dict[str, dict[int, list[dict[str, float]]]], arm: str, other: str, key: str
+) -> dict[str, float] | None:
+    """Final ``key`` of ``arm`` minus ``other``'s, paired by seed: mean, std and a 95% confidence
+    interval (Student's t over the seeds); None with fewer than two shared seeds."""
+    seeds = sorted(set(runs[arm]) & set(runs[other]))
+    values = [
+        float(runs[arm][s][-1][key]) - float(runs[other][s][-1][key])
+        for s in seeds
+        if key in runs[arm][s][-1] and key in runs[other][s][-1]
+    ]
+    if len(values) < 2:
+        return None
+    mean, std = _mean_std(values)
+    # Two-sided 97.5% quantiles of Student's t for 1..9 degrees of freedom (then about 2).
+    quantile = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+    half = (quantile[len(values) - 2] if len(values) <= 10 else 2.0) * std / math.sqrt(len(values))
+    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "seeds": len(values)}
+
+
 def summarise(
     cfg: ExperimentConfig,
     runs: dict[str, dict[int, list[dict[str, float]]]],
-    teacher_accuracy: float,
+    teacher: dict[str, Any],
     teacher_dir: Path,
+    learning_rates: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Per arm: final metrics (mean ± std over seeds) and teacher compute; and the two claims:
-    the teacher compute an OPD arm needs to reach SFT's final accuracy, as a share of SFT's, and
-    the share of the none → same-tokenizer gap an OPD arm closes."""
+    """Per arm: final metrics (mean ± std over seeds), teacher compute (FLOPs and the engine's
+    measured seconds), the learning rate chosen on validation, paired differences against no
+    distillation and SFT (95% confidence intervals over seeds); and the two claims, stated in
+    teacher FLOPs: the teacher compute an OPD arm needs to reach SFT's final accuracy, as a share
+    of SFT's, and the share of the none → same-tokenizer gap an OPD arm closes."""
     arms: dict[str, Any] = {}
     for arm, per_seed in runs.items():
         finals = [points[-1] for points in per_seed.values()]
         entry: dict[str, Any] = {"label": ARMS[arm].label, "seeds": sorted(per_seed)}
-        for key in (*_POINT_KEYS, "teacher_tokens_total", "teacher_flops_total"):
+        if learning_rates and arm in learning_rates:
+            entry["learning_rate"] = learning_rates[arm]
+        for other in ("none", "sft"):
+            if other in runs and other != arm:
+                for key in ("accuracy", "eval_reverse_kl_per_byte", "bits_per_byte"):
+                    difference = _paired_difference(runs, arm, other, key)
+                    if difference is not None:
+                        entry.setdefault("minus", {}).setdefault(other, {})[key] = difference
+        for key in (*_POINT_KEYS, "teacher_tokens_total", "teacher_flops_total",
+                    "teacher_engine_s_total"):  # fmt: skip
             values = [float(f[key]) for f in finals if key in f]
             if values:
                 mean, std = _mean_std(values)
@@ -503,7 +646,8 @@ def summarise(
         claims[arm] = claim
     return {
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
-        "teacher": {"accuracy": teacher_accuracy, "model": str(teacher_dir)},
+        "teacher": {**teacher, "model": str(teacher_dir)},
+        "compute_measure": "teacher FLOPs (usage.teacher_flops); engine seconds beside them",
         "arms": arms,
         "claims": claims,
     }
@@ -519,22 +663,46 @@ def _cell(entry: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) 
 def results_table(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table (mean ± std over seeds) and the two claims in words."""
     seeds = summary["config"]["seeds"]
+    teacher = summary["teacher"]
+    after_error = teacher.get("accuracy_after_error")
     lines = [
-        f"Teacher accuracy on held-out problems: {summary['teacher']['accuracy']:.1%}. "
-        f"Seeds: {', '.join(map(str, seeds))}.",
+        f"Teacher accuracy on held-out problems: {teacher['accuracy']:.1%}"
+        + (f"; after a wrong digit planted in its steps: {after_error:.1%}" if after_error else "")
+        + f". Seeds: {', '.join(map(str, seeds))}.",
         "",
-        "| arm | accuracy | bits/byte (teacher text) | reverse KL/byte | teacher tokens "
-        "| teacher GFLOPs |",
-        "|---|---|---|---|---|---|",
+        "| arm | lr | accuracy | bits/byte (teacher text) | reverse KL/byte | teacher tokens "
+        "| teacher GFLOPs | teacher engine s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in summary["arms"].values():
+        rate = f"{entry['learning_rate']:g}" if "learning_rate" in entry else "–"
         lines.append(
-            f"| {entry['label']} | {_cell(entry, 'accuracy')} | {_cell(entry, 'bits_per_byte')} "
-            f"| {_cell(entry, 'eval_reverse_kl_per_byte')} "
+            f"| {entry['label']} | {rate} | {_cell(entry, 'accuracy')} "
+            f"| {_cell(entry, 'bits_per_byte')} | {_cell(entry, 'eval_reverse_kl_per_byte')} "
             f"| {_cell(entry, 'teacher_tokens_total', digits=0)} "
-            f"| {_cell(entry, 'teacher_flops_total', 1e-9, 2)} |"
+            f"| {_cell(entry, 'teacher_flops_total', 1e-9, 2)} "
+            f"| {_cell(entry, 'teacher_engine_s_total', digits=1)} |"
         )
     lines.append("")
+    differences = [
+        (entry["label"], other, key, value)
+        for entry in summary["arms"].values()
+        for other, by_key in entry.get("minus", {}).items()
+        for key, value in by_key.items()
+    ]
+    if differences:
+        lines += [
+            "Paired differences over seeds (arm minus reference; 95% confidence interval):",
+            "",
+            "| arm | minus | measure | mean | 95% CI |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {label} | {other} | {key} | {value['mean']:+.3f} "
+            f"| [{value['low']:+.3f}, {value['high']:+.3f}] |"
+            for label, other, key, value in differences
+        ]
+        lines.append("")
     for arm, claim in summary["claims"].items():
         label = summary["arms"][arm]["label"]
         if "compute_share_of_sft" in claim:

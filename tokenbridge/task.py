@@ -161,21 +161,32 @@ def corrupted_example(
 
 
 def accuracy(
-    model: Any, tokenizer: Any, problems: list[Problem], max_new_tokens: int, batch: int = 64
+    model: Any,
+    tokenizer: Any,
+    problems: list[Problem],
+    max_new_tokens: int,
+    batch: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> float:
-    """Share of ``problems`` whose greedy completion states the right sum."""
+    """Share of ``problems`` whose completion states the right sum: greedy by default, else
+    sampled at ``temperature`` (seeded; the caller's random state is left as it was)."""
+    import torch
+
     from tokenbridge.client.rollout import sample
 
     right = 0
+    state = torch.get_rng_state()
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
         rollout = sample(
             model, tokenizer, [p.prompt for p in chunk], max_new_tokens=max_new_tokens,
-            temperature=0.0,
+            temperature=temperature, generator_seed=seed + start if temperature > 0 else None,
         )  # fmt: skip
         for problem, ids in zip(chunk, rollout.completion_ids, strict=True):
             stated = parse_answer(tokenizer.decode(ids, skip_special_tokens=True))
             right += stated == problem.answer
+    torch.set_rng_state(state)
     return right / max(1, len(problems))
 
 

@@ -150,8 +150,8 @@ def _bad_client_call(app, tokenizer, ids, candidates):
 )
 def test_bad_candidates_are_refused_with_the_reason(app, candidates, status, message):
     student = _register(app, "gpt2")
-    body = {"student_tokenizer": student, "top_k": 4, "sequences": [
-        {"prompt": {"text": "A"}, "completion_ids": [32, 33], "candidate_ids": candidates}]}  # fmt: skip
+    sequence = {"prompt": {"text": "A"}, "completion_ids": [32, 33], "candidate_ids": candidates}
+    body = {"student_tokenizer": student, "top_k": 4, "sequences": [sequence]}
     answer = _post(app, body, as_json=True)
     assert answer.status_code == status
     assert message in answer.text

@@ -53,7 +53,7 @@ def test_mean_curve_averages_seeds_point_by_point():
 
 def test_summary_states_both_claims_from_the_curves():
     cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
-    summary = summarise(cfg, _runs(), teacher_accuracy=0.97, teacher_dir=cfg.out_dir)
+    summary = summarise(cfg, _runs(), {"accuracy": 0.97}, cfg.out_dir)
     assert summary["arms"]["sft"]["accuracy"]["mean"] == pytest.approx(0.45)
     claim = summary["claims"]["opd_topk_kl"]
     # OPD's mean curve (0.15, 0.55, ...) reaches SFT's final 0.45 at 0.75 of its first interval.
@@ -65,14 +65,16 @@ def test_summary_states_both_claims_from_the_curves():
     assert claim["gain_share_of_same_tokenizer"] == pytest.approx(0.75)
     table = results_table(summary)
     assert "0.25× SFT's teacher FLOPs" in table and "closes 75%" in table
-    assert table.count("\n| ") == 5  # header and four arms
+    assert table.split("Paired")[0].count("\n| ") == 5  # header and four arms
+    # Two seeds: each arm's paired differences against no distillation and SFT, with intervals.
+    assert "Paired differences over seeds" in table and "95% CI" in table
     demo = before_after_table(summary)
     assert "before (warm start)" in demo and "0.450" in demo
 
 
 def test_plot_is_written(tmp_path):
     cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
-    summary = summarise(cfg, _runs(), 0.97, cfg.out_dir)
+    summary = summarise(cfg, _runs(), {"accuracy": 0.97}, cfg.out_dir)
     path = plot_results(summary, _runs(), tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -104,7 +106,7 @@ def test_presets_refine_the_defaults_and_flags_win():
 def test_no_compute_ratio_when_sft_did_not_improve():
     runs = {**_runs(), "sft": {0: _points([0.3, 0.2, 0.25]), 1: _points([0.3, 0.2, 0.25])}}
     cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
-    summary = summarise(cfg, runs, 0.97, cfg.out_dir)
+    summary = summarise(cfg, runs, {"accuracy": 0.97}, cfg.out_dir)
     claim = summary["claims"]["opd_topk_kl"]
     assert claim["sft_improved"] is False and claim["compute_share_of_sft"] is None
     assert "no compute ratio" in results_table(summary)
@@ -113,7 +115,7 @@ def test_no_compute_ratio_when_sft_did_not_improve():
 def test_no_gap_share_when_the_reference_ends_below_no_distillation():
     runs = {**_runs(), "same_tokenizer_opd": {0: _points([0.0, 0.05]), 1: _points([0.0, 0.05])}}
     cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
-    summary = summarise(cfg, runs, 0.97, cfg.out_dir)
+    summary = summarise(cfg, runs, {"accuracy": 0.97}, cfg.out_dir)
     claim = summary["claims"]["opd_topk_kl"]
     assert claim["gap_share_closed"] is None
     # (0.75 - 0.15) / (0.05 - 0.0)
