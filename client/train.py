@@ -66,6 +66,7 @@ __all__ = [
     "load_prompts",
     "load_routed_prompts",
     "main",
+    "ratio_standard_error",
     "take_routed_batch",
 ]
 
@@ -956,6 +957,20 @@ def _teacher_rollout(tokenizer: Any, vocab: Vocab, prompts: list[Prompt], answer
     return Rollout(list(prompts), prompt_ids, completions, [np.zeros(len(c)) for c in completions])
 
 
+def ratio_standard_error(pairs: Sequence[tuple[float, float]]) -> float:
+    """Standard error of ``Σ x / Σ y`` over independent samples ``(x_i, y_i)`` (the delta
+    method: ``sqrt(Σ (x_i − R y_i)² / (n (n − 1))) / mean(y)``); NaN with fewer than two."""
+    if len(pairs) < 2:
+        return float("nan")
+    xs = np.asarray([x for x, _ in pairs], dtype=np.float64)
+    ys = np.asarray([y for _, y in pairs], dtype=np.float64)
+    if ys.sum() <= 0:
+        return float("nan")
+    ratio = xs.sum() / ys.sum()
+    n = len(pairs)
+    return float(np.sqrt(((xs - ratio * ys) ** 2).sum() / (n * (n - 1))) / ys.mean())
+
+
 @torch.no_grad()
 def evaluate_reverse_kl(
     model: Any,
@@ -971,8 +986,10 @@ def evaluate_reverse_kl(
     left as it was, so evaluating never shifts a training run's randomness.
 
     ``teacher`` may be several clients by name, with ``routes`` naming each prompt's teacher:
-    the totals then cover every prompt against its own teacher, and when more than one teacher
-    took part each adds ``eval_reverse_kl_per_token@NAME`` and ``eval_reverse_kl_per_byte@NAME``.
+    the totals then cover every prompt against its own teacher (``eval_reverse_kl_per_byte_se``:
+    the standard error of the per-byte figure over the sampled sequences), and when more than one
+    teacher took part each adds ``eval_reverse_kl_per_token@NAME`` and
+    ``eval_reverse_kl_per_byte@NAME``.
     """
     clients = dict(teacher) if isinstance(teacher, Mapping) else {"": teacher}
     if routes is None:
@@ -1001,15 +1018,19 @@ def evaluate_reverse_kl(
     }
     out: dict[str, float] = {}
     gap, tokens, total_bytes = 0.0, 0, 0
+    per_sequence: list[tuple[float, int]] = []
     for name, indexes in groups.items():
         answer = futures[name].result()
         part_gap, part_tokens, part_bytes = 0.0, 0, 0
         for index, scored in zip(indexes, answer.sequences, strict=True):
             old = rollout.old_logprobs[index]
             finite = np.isfinite(scored.logprobs_S)
-            part_gap += float((old[finite] - scored.logprobs_S[finite]).sum())
+            sequence_gap = float((old[finite] - scored.logprobs_S[finite]).sum())
+            sequence_bytes = int(scored.alignment.get("total_bytes", 0))
+            per_sequence.append((sequence_gap, sequence_bytes))
+            part_gap += sequence_gap
             part_tokens += int(finite.sum())
-            part_bytes += int(scored.alignment.get("total_bytes", 0))
+            part_bytes += sequence_bytes
         gap, tokens, total_bytes = gap + part_gap, tokens + part_tokens, total_bytes + part_bytes
         if len(groups) > 1:
             out[f"eval_reverse_kl_per_token@{name}"] = part_gap / max(1, part_tokens)
@@ -1017,6 +1038,7 @@ def evaluate_reverse_kl(
     return {
         "eval_reverse_kl_per_token": gap / max(1, tokens),
         "eval_reverse_kl_per_byte": gap / max(1, total_bytes),
+        "eval_reverse_kl_per_byte_se": ratio_standard_error(per_sequence),
         "eval_student_logprob_per_token": float(
             sum(o.sum() for o in rollout.old_logprobs) / max(1, rollout.tokens)
         ),

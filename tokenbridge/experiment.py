@@ -312,13 +312,20 @@ def run_experiment(
         )
 
         def task_metrics(model: Any, tokenizer: Any) -> dict[str, float]:
-            return {
-                "accuracy": accuracy(model, tokenizer, eval_set, cfg.max_new_tokens),
-                "bits_per_byte": bits_per_byte(
-                    model, tokenizer, [p.prompt for p in eval_set], teacher_texts
-                ),
-                "val_accuracy": accuracy(model, tokenizer, validation, cfg.max_new_tokens),
+            right = accuracy(model, tokenizer, eval_set, cfg.max_new_tokens)
+            bits, bits_se = bits_per_byte(
+                model, tokenizer, [p.prompt for p in eval_set], teacher_texts, with_error=True
+            )
+            out = {
+                "accuracy": right,
+                # The binomial standard error of a share of len(eval_set) problems.
+                "accuracy_se": math.sqrt(right * (1 - right) / len(eval_set)),
+                "bits_per_byte": bits,
+                "bits_per_byte_se": bits_se,
             }
+            if cfg.learning_rate is None:  # the validation accuracy chooses the learning rate
+                out["val_accuracy"] = accuracy(model, tokenizer, validation, cfg.max_new_tokens)
+            return out
 
         runs: dict[str, dict[int, list[dict[str, float]]]] = {arm: {} for arm in cfg.arms}
         starts = {
@@ -353,7 +360,7 @@ def run_experiment(
             # The learning rate is chosen on the validation problems of the first seed's runs;
             # the held-out numbers of those runs play no part in the choice.
             trials = {rate: train(first, rate) for rate in rates}
-            best = max(rates, key=lambda r: (trials[r][-1]["val_accuracy"], -r))
+            best = max(rates, key=lambda r: (trials[r][-1].get("val_accuracy", 0.0), -r))
             chosen[arm] = best
             runs[arm][first] = [starts[kind, first], *trials[best]]
             for seed in cfg.seeds[1:]:
@@ -371,8 +378,11 @@ def run_experiment(
 
 _POINT_KEYS = (
     "accuracy",
+    "accuracy_se",
     "bits_per_byte",
+    "bits_per_byte_se",
     "eval_reverse_kl_per_byte",
+    "eval_reverse_kl_per_byte_se",
     "val_accuracy",
     "sampled_accuracy",
     "train_reverse_kl_per_token",
@@ -452,6 +462,7 @@ def _start_point(
             model, tokenizer, eval_set, cfg.max_new_tokens, temperature=1.0, seed=seed
         ),
         "eval_reverse_kl_per_byte": kl["eval_reverse_kl_per_byte"],
+        "eval_reverse_kl_per_byte_se": kl["eval_reverse_kl_per_byte_se"],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": settings, "point": point}))
@@ -543,6 +554,8 @@ def _mean_curve(
     length = min(len(c) for c in curves)
     out = []
     for index in range(length):
+        if not all(key in c[index] for c in curves):
+            continue  # a measure some points lack (the warm start has no training batch)
         flops = _mean_std([float(c[index]["teacher_flops_total"]) for c in curves])[0]
         mean, std = _mean_std([float(c[index][key]) for c in curves])
         out.append((flops, mean, std))
@@ -743,21 +756,25 @@ def results_table(summary: dict[str, Any]) -> str:
 def plot_results(
     summary: dict[str, Any], runs: dict[str, dict[int, list[dict[str, float]]]], path: Path
 ) -> Path:
-    """Accuracy and bits per byte against teacher FLOPs, mean ± std over seeds, one line per
-    arm (no distillation as a level)."""
+    """Accuracy, bits per byte and the training batches' reverse KL (block means) against
+    teacher FLOPs, mean ± std over seeds, one line per arm (no distillation as a level)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for axis, key, title in (
         (axes[0], "accuracy", "held-out accuracy (higher is better)"),
         (axes[1], "bits_per_byte", "bits/byte of teacher text (lower is better)"),
-    ):
+        (axes[2], "train_reverse_kl_per_token",
+         "training batches' reverse KL / token, block means"),
+    ):  # fmt: skip
         for arm, per_seed in runs.items():
             label = summary["arms"][arm]["label"]
             curve = _mean_curve(per_seed, key)
+            if not curve:
+                continue
             if ARMS[arm].loss is None:
                 axis.axhline(curve[0][1], color="grey", linestyle=":", label=label)
                 continue
@@ -792,13 +809,16 @@ def preset_config(name: str, **overrides: Any) -> ExperimentConfig:
 
 
 def before_after_table(summary: dict[str, Any]) -> str:
-    """The demo's table: the warm start (no distillation) against each trained arm's end."""
+    """The demo's table: the warm start (no distillation) against each trained arm's end, each
+    headline measure with its evaluation noise (one standard error), and ``*`` where the change
+    from before exceeds twice the combined standard error in the right direction."""
     rows = [
-        ("task accuracy (held out)", "accuracy", 1.0, 3),
-        ("bits/byte of teacher text", "bits_per_byte", 1.0, 3),
-        ("reverse KL to teacher / byte", "eval_reverse_kl_per_byte", 1.0, 3),
-        ("teacher tokens used", "teacher_tokens_total", 1.0, 0),
-        ("teacher GFLOPs used", "teacher_flops_total", 1e-9, 2),
+        ("task accuracy (held out)", "accuracy", 1.0, 3, +1),
+        ("bits/byte of teacher text", "bits_per_byte", 1.0, 3, -1),
+        ("reverse KL to teacher / byte", "eval_reverse_kl_per_byte", 1.0, 3, -1),
+        ("teacher tokens used", "teacher_tokens_total", 1.0, 0, 0),
+        ("teacher GFLOPs used", "teacher_flops_total", 1e-9, 2, 0),
+        ("teacher engine seconds", "teacher_engine_s_total", 1.0, 1, 0),
     ]
     arms = summary["arms"]
     before = arms.get("none")
@@ -809,12 +829,31 @@ def before_after_table(summary: dict[str, Any]) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for title, key, scale, digits in rows:
+
+    def value(entry: dict[str, Any] | None, key: str) -> float | None:
+        return None if entry is None or key not in entry else float(entry[key]["mean"])
+
+    for title, key, scale, digits, better in rows:
         cells = [title]
         for entry in [before, *(arms[a] for a in trained)]:
-            if entry is None or key not in entry:
+            mean = value(entry, key)
+            if mean is None:
                 cells.append("–" if entry is None or "teacher" not in key else "0")
                 continue
-            cells.append(f"{entry[key]['mean'] * scale:.{digits}f}")
+            cell = f"{mean * scale:.{digits}f}"
+            error = value(entry, f"{key}_se")
+            if error is not None and math.isfinite(error):
+                cell += f" ± {error * scale:.{digits}f}"
+            start, start_error = value(before, key), value(before, f"{key}_se")
+            if better and entry is not before and start is not None and error is not None:
+                noise = math.sqrt(error**2 + (start_error or 0.0) ** 2)
+                if better * (mean - start) > 2 * noise:
+                    cell += " *"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "± one standard error of the evaluation (accuracy: binomial over the held-out problems; "
+        "bits/byte: over the teacher's texts; reverse KL/byte: over the student's samples). "
+        "* the change from before exceeds twice the combined standard error, for the better."
+    )
     return "\n".join(lines)

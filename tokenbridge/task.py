@@ -190,9 +190,12 @@ def accuracy(
     return right / max(1, len(problems))
 
 
-def bits_per_byte(model: Any, tokenizer: Any, prompts: list[str], texts: list[str]) -> float:
+def bits_per_byte(
+    model: Any, tokenizer: Any, prompts: list[str], texts: list[str], with_error: bool = False
+) -> Any:
     """Bits per UTF-8 byte of ``texts`` (each the completion of its prompt) under ``model``: a
-    measure that does not depend on how the model's tokenizer cuts the text."""
+    measure that does not depend on how the model's tokenizer cuts the text. With ``with_error``,
+    ``(bits, standard error over the texts)``."""
     import torch
 
     from tokenbridge.client.rollout import completion_logprobs, render_student_prompt
@@ -207,6 +210,12 @@ def bits_per_byte(model: Any, tokenizer: Any, prompts: list[str], texts: list[st
     finally:
         if was_training:
             model.train()
-    nats = -float((logprobs_BT * mask_BT).sum())
-    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return nats / math.log(2) / max(1, total_bytes)
+    nats_B = -(logprobs_BT * mask_BT).sum(dim=1).double()
+    bytes_B = [len(t.encode("utf-8")) for t in texts]
+    bits = float(nats_B.sum()) / math.log(2) / max(1, sum(bytes_B))
+    if not with_error:
+        return bits
+    from tokenbridge.client.train import ratio_standard_error
+
+    pairs = [(float(n) / math.log(2), b) for n, b in zip(nats_B.tolist(), bytes_B, strict=True)]
+    return bits, ratio_standard_error(pairs)

@@ -63,3 +63,44 @@ def test_student_example_cuts_like_the_trainer(bank, name):
     assert prompt_ids == render_student_prompt(tokenizer, problem.prompt)
     assert completion_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(completion_ids[:-1]).strip() == problem.solution.strip()
+
+
+@given(st.integers(10, 99), st.integers(10, 99), st.integers(0, 2**32))
+def test_a_corrupted_solution_has_one_wrong_digit_in_its_steps_and_the_right_rest(a, b, seed):
+    import random
+
+    from tokenbridge.task import corrupt
+
+    problem = Problem(a, b)
+    prefix, rest = corrupt(problem, random.Random(seed))
+    solution = problem.solution
+    assert len(prefix) + len(rest) == len(solution)
+    assert solution.endswith(rest) and solution.startswith(prefix[:-1])
+    assert prefix[-1].isdigit() and prefix[-1] != solution[len(prefix) - 1]
+    assert len(prefix) <= solution.index(", so")  # the planted error sits in the steps
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral-v1"])
+def test_a_corrupted_example_puts_its_loss_only_after_the_wrong_digit(bank, name):
+    import random
+
+    from tokenbridge.task import corrupt, corrupted_example
+
+    tokenizer, vocab = bank.tokenizer(name), bank.vocab(name)
+    for index in range(30):
+        problem = Problem(10 + index * 3, 97 - index * 2)
+        prompt_ids, completion_ids, loss_from = corrupted_example(
+            tokenizer, problem, random.Random(index)
+        )
+        prefix, rest = corrupt(problem, random.Random(index))
+        assert prompt_ids == render_student_prompt(tokenizer, problem.prompt)
+        spelled = b"".join(vocab.token_bytes[i] for i in completion_ids)
+        assert spelled == (prefix + rest).encode()
+        # Every trained token lies wholly in the correct rest; the first one starts right at
+        # or after the end of the wrong digit, and nothing before it is trained.
+        before = b"".join(vocab.token_bytes[i] for i in completion_ids[:loss_from])
+        assert len(before) >= len(prefix.encode())
+        assert len(b"".join(vocab.token_bytes[i] for i in completion_ids[: loss_from - 1])) < len(
+            prefix.encode()
+        )
+        assert completion_ids[-1] == tokenizer.eos_token_id
