@@ -301,7 +301,10 @@ class ScoredSequence:
             if value.get(name) is None:
                 return None
             rows = array(name, np.float32, null=null)
-            return rows.reshape(len(value["logprobs"]), -1) if rows.ndim != 2 else rows
+            if rows.ndim == 2:
+                return rows
+            # JSON of an empty completion carries no width.
+            return rows.reshape(len(value["logprobs"]), -1 if rows.size else 0)
 
         topk_logprobs = array("topk_logprobs", np.float32, null=-np.inf)
         topk_ids = array("topk_ids", np.int64)

@@ -182,8 +182,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "seeds": (0,),
         "arms": ("none", "opd_candidate_kl"),
-        "steps": 40,
-        "eval_every": 10,
+        "steps": 80,
+        "eval_every": 40,
         "learning_rate": 3e-4,
     },
 }
@@ -316,10 +316,16 @@ def run_experiment(
             bits, bits_se = bits_per_byte(
                 model, tokenizer, [p.prompt for p in eval_set], teacher_texts, with_error=True
             )
+            sampled = accuracy(
+                model, tokenizer, eval_set, cfg.max_new_tokens, temperature=1.0, seed=1
+            )
             out = {
                 "accuracy": right,
                 # The binomial standard error of a share of len(eval_set) problems.
                 "accuracy_se": math.sqrt(right * (1 - right) / len(eval_set)),
+                # Temperature 1, as on-policy training samples: the warm starts are matched on it.
+                "sampled_accuracy": sampled,
+                "sampled_accuracy_se": math.sqrt(sampled * (1 - sampled) / len(eval_set)),
                 "bits_per_byte": bits,
                 "bits_per_byte_se": bits_se,
             }
@@ -385,6 +391,7 @@ _POINT_KEYS = (
     "eval_reverse_kl_per_byte_se",
     "val_accuracy",
     "sampled_accuracy",
+    "sampled_accuracy_se",
     "train_reverse_kl_per_token",
 )
 
@@ -457,10 +464,6 @@ def _start_point(
         "teacher_flops_total": 0,
         "teacher_engine_s_total": 0.0,
         **task_metrics(model, tokenizer),
-        # Temperature 1, as on-policy training samples: the warm starts are matched on this.
-        "sampled_accuracy": accuracy(
-            model, tokenizer, eval_set, cfg.max_new_tokens, temperature=1.0, seed=seed
-        ),
         "eval_reverse_kl_per_byte": kl["eval_reverse_kl_per_byte"],
         "eval_reverse_kl_per_byte_se": kl["eval_reverse_kl_per_byte_se"],
     }
@@ -814,6 +817,7 @@ def before_after_table(summary: dict[str, Any]) -> str:
     from before exceeds twice the combined standard error in the right direction."""
     rows = [
         ("task accuracy (held out)", "accuracy", 1.0, 3, +1),
+        ("task accuracy, sampled at temperature 1", "sampled_accuracy", 1.0, 3, +1),
         ("bits/byte of teacher text", "bits_per_byte", 1.0, 3, -1),
         ("reverse KL to teacher / byte", "eval_reverse_kl_per_byte", 1.0, 3, -1),
         ("teacher tokens used", "teacher_tokens_total", 1.0, 0, 0),
@@ -848,12 +852,15 @@ def before_after_table(summary: dict[str, Any]) -> str:
             if better and entry is not before and start is not None and error is not None:
                 noise = math.sqrt(error**2 + (start_error or 0.0) ** 2)
                 if better * (mean - start) > 2 * noise:
+                    cell += " **"
+                elif better * (mean - start) > noise:
                     cell += " *"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
         "± one standard error of the evaluation (accuracy: binomial over the held-out problems; "
         "bits/byte: over the teacher's texts; reverse KL/byte: over the student's samples). "
-        "* the change from before exceeds twice the combined standard error, for the better."
+        "* / ** the change from before exceeds once / twice the combined standard error, for the "
+        "better."
     )
     return "\n".join(lines)

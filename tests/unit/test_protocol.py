@@ -256,9 +256,10 @@ def test_register_tokenizer_refuses_an_empty_name():
 # --- ScoredSequence.from_wire --------------------------------------------------------------------
 
 
-def wire_sequence(length: int, top_k: int, seed: int) -> dict:
+def wire_sequence(length: int, top_k: int, seed: int, candidates: int = 0) -> dict:
     """One entry of a score response's ``sequences``, as the service builds it, with NaN
-    log-probs and masses and ``-inf`` sparse log-probs in some places."""
+    log-probs and masses and ``-inf`` sparse log-probs in some places; with ``candidates``, the
+    §4b arrays of that many named candidates too."""
     rng = np.random.default_rng(seed)
     holes = rng.random(length) < 0.3
     logprobs = -rng.exponential(size=length).astype(np.float32)
@@ -278,7 +279,18 @@ def wire_sequence(length: int, top_k: int, seed: int) -> dict:
         "unresolved_mass": unresolved,
         "exact": rng.random(length) < 0.5,
     }
-    value = {name: arrays[name].astype(dtype) for name, dtype in SCORE_ARRAY_DTYPES.items()}
+    if candidates:
+        named = -rng.exponential(size=(length, candidates))
+        named[rng.random((length, candidates)) < 0.2] = -np.inf
+        arrays["candidate_logprobs"] = named
+        arrays["candidate_unresolved_mass"] = rng.random((length, candidates)) * 0.1
+    else:
+        arrays = {**arrays, "candidate_logprobs": None, "candidate_unresolved_mass": None}
+    value = {
+        name: arrays[name].astype(dtype)
+        for name, dtype in SCORE_ARRAY_DTYPES.items()
+        if arrays[name] is not None
+    }
     value["chunk_logprobs"] = -rng.exponential(size=max(length - 1, 0)).astype(np.float32)
     value["alignment"] = {"one_to_one": 0.75, "chunks": length}
     return value
@@ -302,12 +314,22 @@ def assert_reads_back(scored: ScoredSequence, wire: dict, top_k: int) -> None:
         assert got.shape == shape, name
         np.testing.assert_array_equal(got, values, err_msg=name)  # NaN == NaN here
     assert scored.alignment == wire["alignment"]
+    if "candidate_logprobs" not in wire:
+        assert scored.candidate_logprobs_SC is None and scored.candidate_unresolved_SC is None
+        return
+    for name, field in (("candidate_logprobs", "candidate_logprobs_SC"),
+                        ("candidate_unresolved_mass", "candidate_unresolved_SC")):  # fmt: skip
+        got = getattr(scored, field)
+        want = wire[name].astype(np.float32)
+        assert got is not None and got.dtype == np.float32, name
+        assert got.shape == (length, want.shape[1] if length else got.shape[1]), name
+        np.testing.assert_array_equal(got, want.reshape(got.shape), err_msg=name)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 6), st.integers(1, 5), st.integers(0, 2**32 - 1))
-def test_from_wire_reads_the_same_numbers_from_msgpack_and_json(length, top_k, seed):
-    wire = wire_sequence(length, top_k, seed)
+@given(st.integers(0, 6), st.integers(1, 5), st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 4]))
+def test_from_wire_reads_the_same_numbers_from_msgpack_and_json(length, top_k, seed, candidates):
+    wire = wire_sequence(length, top_k, seed, candidates)
     from_msgpack = ScoredSequence.from_wire(unpack(pack({"s": wire}))["s"], top_k)
     from_json = ScoredSequence.from_wire(json.loads(pack({"s": wire}, JSON))["s"], top_k)
     assert_reads_back(from_msgpack, wire, top_k)
