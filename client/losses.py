@@ -339,14 +339,11 @@ def sparse_divergence_loss(
         teacher_topk_ids_BTK=teacher_topk_ids_BTK,
         teacher_topk_logprobs_BTK=teacher_topk_logprobs_BTK,
     )
-    if (
-        student_logprobs_BTV.shape[:2] != mask_BT.shape
-        or teacher_topk_ids_BTK.shape[:2] != mask_BT.shape
-    ):
-        raise ValueError(
-            f"student_logprobs_BTV {tuple(student_logprobs_BTV.shape)} and teacher_topk_*_BTK "
-            f"{tuple(teacher_topk_ids_BTK.shape)} must start with B×T = {tuple(mask_BT.shape)}"
-        )
+    _check_rows(
+        mask_BT,
+        student_logprobs_BTV=student_logprobs_BTV,
+        teacher_topk_ids_BTK=teacher_topk_ids_BTK,
+    )
     if kind not in ("forward", "reverse", "jsd"):
         raise ValueError(f"kind must be 'forward', 'reverse' or 'jsd'; got {kind!r}")
     if kind == "jsd" and not 0.0 <= beta <= 1.0:
@@ -469,8 +466,7 @@ def position_baseline(
     _check_shapes(
         listed_ids_BTK=listed_ids_BTK, listed_teacher_logprobs_BTK=listed_teacher_logprobs_BTK
     )
-    if old_logprobs_BTV.shape[:2] != mask_BT.shape or listed_ids_BTK.shape[:2] != mask_BT.shape:
-        raise ValueError("old_logprobs_BTV and listed_*_BTK must start with B×T of mask_BT")
+    _check_rows(mask_BT, old_logprobs_BTV=old_logprobs_BTV, listed_ids_BTK=listed_ids_BTK)
     with torch.no_grad():
         dtype = _compute_dtype(old_logprobs_BTV)
         ids_BTK = listed_ids_BTK.long()
@@ -524,14 +520,9 @@ def candidate_reverse_kl_loss(
         candidate_ids_BTC=candidate_ids_BTC,
         teacher_candidate_logprobs_BTC=teacher_candidate_logprobs_BTC,
     )
-    if (
-        student_logprobs_BTV.shape[:2] != mask_BT.shape
-        or candidate_ids_BTC.shape[:2] != mask_BT.shape
-    ):
-        raise ValueError(
-            f"student_logprobs_BTV {tuple(student_logprobs_BTV.shape)} and candidate_*_BTC "
-            f"{tuple(candidate_ids_BTC.shape)} must start with B×T = {tuple(mask_BT.shape)}"
-        )
+    _check_rows(
+        mask_BT, student_logprobs_BTV=student_logprobs_BTV, candidate_ids_BTC=candidate_ids_BTC
+    )
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must lie in (0, 1); got {eps}")
     dtype = _compute_dtype(student_logprobs_BTV)
@@ -592,6 +583,13 @@ def _check_shapes(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"shapes must match: {shapes}")
+
+
+def _check_rows(mask_BT: Tensor, **tensors: Tensor) -> None:
+    """Raise unless every named tensor starts with the ``B×T`` of ``mask_BT``."""
+    if any(t.shape[:2] != mask_BT.shape for t in tensors.values()):
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        raise ValueError(f"{shapes} must start with B×T = {tuple(mask_BT.shape)}")
 
 
 def _check_clip_eps(clip_eps: float) -> None:
