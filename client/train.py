@@ -242,9 +242,13 @@ def _batch_loss(
         min_mapped_mass=cfg.min_mapped_mass,
         require_exact=cfg.require_exact,
     )
-    topk_ids_BTK = _padded([s.topk_ids_SK for s in scored], width, -1, torch.long).to(device)
-    topk_lps_BTK = _padded([s.topk_logprobs_SK for s in scored], width, -np.inf, torch.float32)
-    topk_lps_BTK = topk_lps_BTK.to(device)
+
+    def teacher_topk() -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's sparse rows, padded (only the losses that read them pay for this)."""
+        ids_BTK = _padded([s.topk_ids_SK for s in scored], width, -1, torch.long)
+        lps_BTK = _padded([s.topk_logprobs_SK for s in scored], width, -np.inf, torch.float32)
+        return ids_BTK.to(device), lps_BTK.to(device)
+
     if cfg.loss == "candidate_reverse_kl":
         assert logprobs_BTV is not None
         if rollout.candidate_ids is None or any(s.candidate_logprobs_SC is None for s in scored):
@@ -268,9 +272,7 @@ def _batch_loss(
         kind = _baseline(cfg)
         if kind == "position":
             assert logprobs_BTV is not None
-            baseline_BT = losses.position_baseline(
-                logprobs_BTV.detach(), topk_ids_BTK, topk_lps_BTK, mask_BT
-            )
+            baseline_BT = losses.position_baseline(logprobs_BTV.detach(), *teacher_topk(), mask_BT)
         elif kind == "group":
             valid = mask_BT & torch.isfinite(teacher_BT)
             per_token_BT = torch.where(valid, torch.nan_to_num(teacher_BT) - old_BT, 0.0)
@@ -298,6 +300,7 @@ def _batch_loss(
     sampled_BT = _padded(
         [np.asarray(c, dtype=np.int64) for c in rollout.completion_ids], width, 0, torch.long
     ).to(device)
+    topk_ids_BTK, topk_lps_BTK = teacher_topk()
     return losses.sparse_divergence_loss(
         logprobs_BTV, sampled_BT, topk_ids_BTK, topk_lps_BTK,
         torch.nan_to_num(teacher_BT, nan=-np.inf), mask_BT, kind=kind, beta=cfg.jsd_beta,

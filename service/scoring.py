@@ -222,18 +222,23 @@ def map_candidates(
     if prepared.candidate_ids_SC is None:
         return None
     m = len(prepared.view.ids)
-    vocab = mapper.teacher.size
-    full_MV = np.full((m, vocab), np.nan, dtype=np.float32)
-    if scored is not None:
+    if scored is None:  # nothing reached the engine: no row is scored either
+        full_NV = np.zeros((0, mapper.teacher.size), dtype=np.float32)
+        row_of_M = np.full(m, -1)
+    else:
         if scored.full_logprobs_TV is None:
             raise RuntimeError("the engine returned no full rows for a job that asked for them")
-        rows = np.flatnonzero(prepared.view.ids != GAP_ID)
-        width = min(vocab, scored.full_logprobs_TV.shape[1])
-        full_MV[rows, :width] = scored.full_logprobs_TV[:, :width]
-        # Ids the model's output layer has but the tokenizer lacks carry no text: left out.
+        # The engine's rows skip the gaps; ids its output layer has beyond the tokenizer's carry
+        # no text and are left out where the rows are read.
+        full_NV = scored.full_logprobs_TV
+        missing = mapper.teacher.size - full_NV.shape[1]
+        if missing > 0:  # tokenizer ids the model has no output for: probability 0
+            full_NV = np.pad(full_NV, ((0, 0), (0, missing)), constant_values=-np.inf)
+        row_of_M = np.cumsum(prepared.view.ids != GAP_ID) - 1
     return candidate_masses(
-        mapper, prepared.alignment, prepared.view.ids, full_MV, prepared.candidate_ids_SC, scored_S
-    )
+        mapper, prepared.alignment, prepared.view.ids, full_NV, prepared.candidate_ids_SC,
+        scored_S, row_of_M,
+    )  # fmt: skip
 
 
 def teacher_scores(

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokenbridge.shared.align import Alignment
+
+if TYPE_CHECKING:  # mapping.py imports this module to build the tables
+    from tokenbridge.shared.mapping import PairMapper
 
 __all__ = ["CandidateMasses", "CandidateTables", "candidate_masses"]
 
@@ -103,23 +107,22 @@ def _prefix_range(sorted_bytes: list[bytes], prefix: bytes) -> tuple[int, int]:
 
 
 def candidate_masses(
-    mapper: object,
+    mapper: PairMapper,
     alignment: Alignment,
     teacher_ids: np.ndarray,
-    full_logprobs_MV: np.ndarray,
+    full_logprobs_NV: np.ndarray,
     candidate_ids_SC: np.ndarray,
     scored_S: np.ndarray,
+    row_of_M: np.ndarray | None = None,
 ) -> CandidateMasses:
     """§4b for one completion: the teacher's mass of every named candidate at every scored row.
 
     ``mapper`` is the pair's ``PairMapper``; ``teacher_ids`` the teacher's tokens of the completion
-    (gaps included, as in ``PairMapper.map``); ``full_logprobs_MV`` the teacher's full log-prob row
-    at each of those positions (rows of gaps are ignored); ``candidate_ids_SC`` student ids, -1
-    for padding; ``scored_S`` the rows §3 scored (others stay NaN).
+    (gaps included, as in ``PairMapper.map``); ``full_logprobs_NV`` the teacher's full log-prob
+    rows, row ``row_of_M[k]`` for teacher position ``k`` (``None``: row ``k``; scored rows never
+    sit on a gap, so gaps need no row); ``candidate_ids_SC`` student ids, -1 for padding;
+    ``scored_S`` the rows §3 scored (others stay NaN).
     """
-    from tokenbridge.shared.mapping import PairMapper
-
-    assert isinstance(mapper, PairMapper)
     tables = mapper.candidate_tables
     teacher, student = mapper.teacher, mapper.student
     n, width = candidate_ids_SC.shape
@@ -132,7 +135,8 @@ def candidate_masses(
     student_bytes = student.token_bytes
     teacher_bytes = teacher.token_bytes
     for row, token, offset in zip(rows.tolist(), token_N.tolist(), offset_N.tolist(), strict=True):
-        probs_V = np.exp(full_logprobs_MV[token].astype(np.float64))
+        engine_row = token if row_of_M is None else int(row_of_M[token])
+        probs_V = np.exp(full_logprobs_NV[engine_row, : teacher.size].astype(np.float64))
         ids = candidate_ids_SC[row]
         # A byte string several student ids share is reported under one of them (§4).
         canonical = np.where(ids >= 0, mapper.student_canonical[np.maximum(ids, 0)], -1)
