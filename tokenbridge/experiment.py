@@ -35,13 +35,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tokenbridge import textcont
 from tokenbridge.task import accuracy, bits_per_byte, parse_answer, split_problems
-from tokenbridge.taskmodels import FitSpec, fit_task_model
+from tokenbridge.taskmodels import FitSpec, fit_model, fit_task_model
 from tokenbridge.tinymodels import TinyModelSpec
 
 __all__ = [
     "ARMS",
+    "HEADLINES",
     "PRESETS",
+    "TASKS",
     "Arm",
     "ExperimentConfig",
     "ExperimentResult",
@@ -72,15 +75,35 @@ ARMS: dict[str, Arm] = {
 }
 
 
+#: The tasks: worked addition (``tokenbridge.task``), and continuing Shakespeare with whole plays
+#: held out (``tokenbridge.textcont``), where the teacher's distribution is wide.
+TASKS = ("arithmetic", "text")
+
+#: Per task, the measure the claims and the learning-rate choice read, and its direction (+1:
+#: higher is better): the share of problems solved; bits per byte of the real held-out text.
+HEADLINES: dict[str, tuple[str, float]] = {
+    "arithmetic": ("accuracy", 1.0),
+    "text": ("bits_per_byte", -1.0),
+}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one experiment needs; ``tokenbridge experiment`` generates its flags from it."""
 
     out_dir: Path = field(default=Path("runs/experiment"), metadata={"help": "results folder"})
+    task: str = field(
+        default="arithmetic",
+        metadata={"help": "arithmetic (worked addition) | text (Shakespeare continuation, "
+                  "bits per byte on held-out plays)"},
+    )  # fmt: skip
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "student seeds"})
     arms: tuple[str, ...] = field(default=tuple(ARMS), metadata={"help": " | ".join(ARMS)})
     digits: int = field(default=2, metadata={"help": "digits per operand"})
     held_out: int = field(default=200, metadata={"help": "problems no model ever trains on"})
+    text_passages: int = field(
+        default=20000, metadata={"help": "text task: training passages (the teacher fits on all)"}
+    )
     eval_problems: int = field(default=200, metadata={"help": "held-out problems per evaluation"})
     kl_eval_prompts: int = field(
         default=128, metadata={"help": "held-out samples for the reverse KL to the teacher"}
@@ -132,6 +155,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.task not in TASKS:
+            problems.append(f"unknown task {self.task!r}; known: {list(TASKS)}")
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             problems.append(f"unknown arms {unknown}; known: {list(ARMS)}")
@@ -149,7 +174,7 @@ class ExperimentConfig:
             problems.append("teacher_corrupt must lie in [0, 1]")
         for name in ("steps", "batch_size", "eval_every", "eval_problems", "max_new_tokens",
                      "teacher_fit_steps", "warm_start_steps", "warm_start_examples",
-                     "top_k", "validation_problems"):  # fmt: skip
+                     "top_k", "validation_problems", "text_passages"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         for who in ("teacher", "student"):
@@ -161,10 +186,31 @@ class ExperimentConfig:
         object.__setattr__(self, "learning_rates", tuple(self.learning_rates))
 
 
-#: Named sizes: ``full`` (the README's numbers, under an hour here), ``smoke`` (CI: minutes, the
-#: pipeline end to end) and ``demo`` (``make demo``: one seed, reverse-KL OPD against none).
+#: Named sizes: ``full`` (the README's numbers; hours here), ``text`` (the same on the text task),
+#: ``smoke`` and ``text-smoke`` (CI: minutes, the pipeline end to end) and ``demo`` (``make
+#: demo``: one seed, the default loss against none).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
+    "text": {"task": "text"},
+    "text-smoke": {
+        # A teacher fitted briefly on a few passages: the text pipeline end to end, not a result.
+        "task": "text",
+        "seeds": (0,),
+        "arms": ("none", "opd_candidate_kl", "sft"),
+        "text_passages": 600,
+        "teacher_fit_steps": 150,
+        "warm_start_steps": 30,
+        "warm_start_examples": 300,
+        "steps": 4,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "warmup_steps": 1,
+        "eval_every": 2,
+        "eval_problems": 24,
+        "kl_eval_prompts": 16,
+        "validation_problems": 24,
+        "max_new_tokens": 24,
+    },
     "smoke": {
         # The full teacher (cached, shared with the demo); a weaker warm start that any teacher
         # signal improves within a few steps; tiny arms.
@@ -218,10 +264,11 @@ def _student_spec(cfg: ExperimentConfig, kind: str, seed: int) -> TinyModelSpec:
     )  # fmt: skip
 
 
-def _model_name(spec: TinyModelSpec, fit: FitSpec, role: str) -> str:
+def _model_name(spec: TinyModelSpec, fit: FitSpec, role: str, task: str = "arithmetic") -> str:
     tokenizer = Path(spec.tokenizer).name.replace(".", "")
     return (
-        f"task-{role}-{spec.architecture}-{tokenizer}-h{spec.hidden}-l{spec.layers}"
+        f"{'task' if task == 'arithmetic' else task}-{role}-{spec.architecture}-{tokenizer}"
+        f"-h{spec.hidden}-l{spec.layers}"
         f"-s{spec.seed}-f{fit.steps}x{fit.batch_size}"
         + (f"-u{fit.unused_steps}" if fit.unused_steps else "")
         + (f"-c{round(fit.corrupt * 100)}" if fit.corrupt else "")
@@ -229,9 +276,16 @@ def _model_name(spec: TinyModelSpec, fit: FitSpec, role: str) -> str:
 
 
 def task_split(cfg: ExperimentConfig) -> tuple[list[Any], list[Any], list[Any]]:
-    """(train, validation, held out) problems: the held-out ones no model ever trains on and
-    only the final numbers read; the validation ones, set aside from the train problems, choose
-    the learning rates; everything fits and trains on the rest."""
+    """(train, validation, held out) problems (or text passages): the held-out ones no model
+    ever trains on and only the final numbers read; the validation ones, set aside from the
+    train problems (a play of their own for text), choose the learning rates; everything fits
+    and trains on the rest."""
+    if cfg.task == "text":
+        return (
+            textcont.passages("train", cfg.text_passages, seed=0),
+            textcont.passages("validation", cfg.validation_problems, seed=2),
+            textcont.passages("held_out", cfg.held_out, seed=1),
+        )
     train, held_out = split_problems(cfg.digits, cfg.held_out, seed=0)
     cut = len(train) - cfg.validation_problems
     return train[:cut], train[cut:], held_out
@@ -247,14 +301,32 @@ def build_models(
     """The fitted teacher and every seed's warm-started students of ``kinds`` (``cross``,
     ``same``), fitted here or read from ``cache_dir/models``."""
     models_dir = cache_dir / "models"
+    text = cfg.task == "text"
+
+    def fit_on(spec: TinyModelSpec, fit: FitSpec, role: str, desc: str) -> Path:
+        folder = models_dir / _model_name(spec, fit, role, cfg.task)
+        if not text:
+            return fit_task_model(
+                spec, fit, train_problems, folder, cache_dir, progress=cfg.progress, desc=desc
+            )
+        chosen = train_problems[: fit.examples] if fit.examples else train_problems
+        key = {"task": "text", "count": len(chosen), "seed": 0,
+               "set_aside": [*textcont.HELD_OUT_PLAYS, *textcont.VALIDATION_PLAYS]}  # fmt: skip
+        return fit_model(
+            spec, fit, lambda tokenizer: (textcont.examples(tokenizer, chosen), []), key,
+            folder, cache_dir, progress=cfg.progress, desc=desc,
+        )  # fmt: skip
+
     teacher_spec = _teacher_spec(cfg)
-    teacher_fit = FitSpec(steps=cfg.teacher_fit_steps, corrupt=cfg.teacher_corrupt)
+    # Text has no planted mistakes; its teacher's unused ids are pushed down as the students'
+    # are (prose leaves a wide distribution, where tens of thousands of logit-0 ids add up).
+    teacher_fit = (
+        FitSpec(steps=cfg.teacher_fit_steps, batch_size=32, unused_steps=50)
+        if text
+        else FitSpec(steps=cfg.teacher_fit_steps, corrupt=cfg.teacher_corrupt)
+    )
     log(f"teacher: {teacher_spec.architecture} over {cfg.teacher_tokenizer}, fitted here")
-    teacher_dir = fit_task_model(
-        teacher_spec, teacher_fit, train_problems,
-        models_dir / _model_name(teacher_spec, teacher_fit, "teacher"), cache_dir,
-        progress=cfg.progress, desc="fit teacher",
-    )  # fmt: skip
+    teacher_dir = fit_on(teacher_spec, teacher_fit, "teacher", "fit teacher")
     warm: dict[tuple[str, int], Path] = {}
     for seed in cfg.seeds:
         for kind in kinds:
@@ -263,10 +335,7 @@ def build_models(
                 steps=cfg.warm_start_steps, batch_size=16, learning_rate=3e-3,
                 examples=cfg.warm_start_examples, seed=seed, unused_steps=50,
             )  # fmt: skip
-            warm[kind, seed] = fit_task_model(
-                spec, fit, train_problems, models_dir / _model_name(spec, fit, "student"),
-                cache_dir, progress=cfg.progress, desc=f"warm start {kind} s{seed}",
-            )  # fmt: skip
+            warm[kind, seed] = fit_on(spec, fit, "student", f"warm start {kind} s{seed}")
     return teacher_dir, warm
 
 
@@ -304,14 +373,33 @@ def run_experiment(
     log("starting the teacher service (its own process) ...")
     with serve_process(serve_args, out_dir, env=env) as (url, _, service_log):
         log(f"teacher service ready at {url} (log: {service_log})")
-        teacher = _teacher_quality(url, cfg, eval_set)
-        teacher_texts = teacher.pop("texts")
-        log(
-            f"teacher accuracy on {len(eval_set)} held-out problems: {teacher['accuracy']:.1%}; "
-            f"after a planted wrong digit: {teacher['accuracy_after_error']:.1%}"
-        )
+        if cfg.task == "text":
+            teacher = _text_teacher_quality(teacher_dir, eval_set)
+            log(
+                f"teacher on {len(eval_set)} held-out passages: "
+                f"{teacher['bits_per_byte']:.3f} bits/byte, next-token accuracy "
+                f"{teacher['next_token_accuracy']:.1%}"
+            )
+        else:
+            teacher = _teacher_quality(url, cfg, eval_set)
+            log(
+                f"teacher accuracy on {len(eval_set)} held-out problems: "
+                f"{teacher['accuracy']:.1%}; after a planted wrong digit: "
+                f"{teacher['accuracy_after_error']:.1%}"
+            )
+        teacher_texts = teacher.pop("texts", None)
+
+        def text_metrics(model: Any, tokenizer: Any) -> dict[str, float]:
+            out = textcont.text_quality(model, tokenizer, eval_set)
+            if cfg.learning_rate is None:  # validation bits per byte choose the learning rate
+                out["val_bits_per_byte"] = textcont.text_quality(model, tokenizer, validation)[
+                    "bits_per_byte"
+                ]
+            return out
 
         def task_metrics(model: Any, tokenizer: Any) -> dict[str, float]:
+            if cfg.task == "text":
+                return text_metrics(model, tokenizer)
             right = accuracy(model, tokenizer, eval_set, cfg.max_new_tokens)
             bits, bits_se = bits_per_byte(
                 model, tokenizer, [p.prompt for p in eval_set], teacher_texts, with_error=True
@@ -366,7 +454,7 @@ def run_experiment(
             # The learning rate is chosen on the validation problems of the first seed's runs;
             # the held-out numbers of those runs play no part in the choice.
             trials = {rate: train(first, rate) for rate in rates}
-            best = max(rates, key=lambda r: (trials[r][-1].get("val_accuracy", 0.0), -r))
+            best = max(rates, key=lambda r: (_validation_score(cfg, trials[r][-1]), -r))
             chosen[arm] = best
             runs[arm][first] = [starts[kind, first], *trials[best]]
             for seed in cfg.seeds[1:]:
@@ -385,6 +473,9 @@ def run_experiment(
 _POINT_KEYS = (
     "accuracy",
     "accuracy_se",
+    "next_token_accuracy",
+    "next_token_accuracy_se",
+    "val_bits_per_byte",
     "bits_per_byte",
     "bits_per_byte_se",
     "eval_reverse_kl_per_byte",
@@ -394,6 +485,24 @@ _POINT_KEYS = (
     "sampled_accuracy_se",
     "train_reverse_kl_per_token",
 )
+
+
+def _validation_score(cfg: ExperimentConfig, point: dict[str, float]) -> float:
+    """The headline measure on the validation split, higher is better (what a learning rate is
+    chosen by); ``-inf`` when the point has none."""
+    key, sign = HEADLINES[cfg.task]
+    value = point.get(f"val_{key}")
+    return float("-inf") if value is None else sign * float(value)
+
+
+def _text_teacher_quality(teacher_dir: Path, passages: list[Any]) -> dict[str, Any]:
+    """The text teacher's own bits per byte and next-token accuracy on the held-out passages."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    return dict(textcont.text_quality(model, tokenizer, passages))
 
 
 def _teacher_quality(url: str, cfg: ExperimentConfig, problems: list[Any]) -> dict[str, Any]:
@@ -522,7 +631,7 @@ def _train_arm(
         for entry in record.get("teachers", {}).values():
             if "reverse_kl_per_token" in entry:
                 block.append(float(entry["reverse_kl_per_token"]))
-        if "accuracy" in record:
+        if HEADLINES[cfg.task][0] in record:  # an evaluation point (extra_eval ran)
             if block:
                 record["train_reverse_kl_per_token"] = sum(block) / len(block)
             block = []
@@ -566,8 +675,8 @@ def _mean_curve(
 
 
 def _compute_to_reach(curve: list[tuple[float, float, float]], target: float) -> float | None:
-    """Teacher FLOPs at which a mean accuracy curve first reaches ``target`` (linear between
-    evaluations), or None if it never does."""
+    """Teacher FLOPs at which a mean curve (higher is better) first reaches ``target`` (linear
+    between evaluations), or None if it never does."""
     for (f0, m0, _), (f1, m1, _) in itertools.pairwise(curve):
         if m0 >= target:
             return f0
@@ -608,8 +717,15 @@ def summarise(
     """Per arm: final metrics (mean ± std over seeds), teacher compute (FLOPs and the engine's
     measured seconds), the learning rate chosen on validation, paired differences against no
     distillation and SFT (95% confidence intervals over seeds); and the two claims, stated in
-    teacher FLOPs: the teacher compute an OPD arm needs to reach SFT's final accuracy, as a share
-    of SFT's, and the share of the none → same-tokenizer gap an OPD arm closes."""
+    teacher FLOPs on the task's headline measure (``HEADLINES``: accuracy; bits per byte of real
+    text): the teacher compute an OPD arm needs to reach SFT's final quality, as a share of
+    SFT's, and the share of the none → same-tokenizer gap an OPD arm closes."""
+    headline, sign = HEADLINES[cfg.task]
+
+    def curve(per_seed: dict[int, list[dict[str, float]]]) -> list[tuple[float, float, float]]:
+        """The headline's mean curve, turned so that higher is better."""
+        return [(f, sign * m, s) for f, m, s in _mean_curve(per_seed, headline)]
+
     arms: dict[str, Any] = {}
     for arm, per_seed in runs.items():
         finals = [points[-1] for points in per_seed.values()]
@@ -618,7 +734,8 @@ def summarise(
             entry["learning_rate"] = learning_rates[arm]
         for other in ("none", "sft"):
             if other in runs and other != arm:
-                for key in ("accuracy", "eval_reverse_kl_per_byte", "bits_per_byte"):
+                for key in ("accuracy", "next_token_accuracy", "eval_reverse_kl_per_byte",
+                            "bits_per_byte"):  # fmt: skip
                     difference = _paired_difference(runs, arm, other, key)
                     if difference is not None:
                         entry.setdefault("minus", {}).setdefault(other, {})[key] = difference
@@ -630,15 +747,15 @@ def summarise(
                 entry[key] = {"mean": mean, "std": std}
         arms[arm] = entry
     claims: dict[str, Any] = {}
-    final = {arm: e["accuracy"]["mean"] for arm, e in arms.items() if "accuracy" in e}
+    final = {arm: sign * e[headline]["mean"] for arm, e in arms.items() if headline in e}
     for arm in (a for a in runs if a.startswith("opd_")):
-        claim: dict[str, Any] = {}
+        claim: dict[str, Any] = {"measure": headline}
         if "sft" in runs:
             target = final["sft"]
-            sft_start = _mean_curve(runs["sft"], "accuracy")[0][1]
-            reached = _compute_to_reach(_mean_curve(runs[arm], "accuracy"), target)
+            sft_start = curve(runs["sft"])[0][1]
+            reached = _compute_to_reach(curve(runs[arm]), target)
             sft_flops = arms["sft"]["teacher_flops_total"]["mean"]
-            claim["sft_final_accuracy"] = target
+            claim["sft_final"] = sign * target
             # A ratio only means something when SFT got somewhere: from its own start upwards.
             claim["sft_improved"] = target > sft_start
             claim["flops_to_reach_sft_final"] = reached
@@ -653,11 +770,8 @@ def summarise(
             # The two students start from different warm starts (their tokenizers cut digits
             # differently), so also: this arm's gain over its start as a share of the
             # same-tokenizer arm's gain over its own.
-            own = final[arm] - _mean_curve(runs[arm], "accuracy")[0][1]
-            reference = (
-                final["same_tokenizer_opd"]
-                - _mean_curve(runs["same_tokenizer_opd"], "accuracy")[0][1]
-            )
+            own = final[arm] - curve(runs[arm])[0][1]
+            reference = final["same_tokenizer_opd"] - curve(runs["same_tokenizer_opd"])[0][1]
             claim["gain_share_of_same_tokenizer"] = None if reference <= 1e-12 else own / reference
         claims[arm] = claim
     return {
@@ -676,24 +790,37 @@ def _cell(entry: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) 
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _teacher_line(teacher: dict[str, Any]) -> str:
+    """The teacher's own quality in words: accuracy (and after a planted mistake), or, on
+    text, its bits per byte and next-token accuracy."""
+    if "accuracy" not in teacher:
+        return (
+            f"Teacher on held-out text: {teacher['bits_per_byte']:.3f} bits/byte, next-token "
+            f"accuracy {teacher['next_token_accuracy']:.1%}"
+        )
+    after_error = teacher.get("accuracy_after_error")
+    return f"Teacher accuracy on held-out problems: {teacher['accuracy']:.1%}" + (
+        f"; after a wrong digit planted in its steps: {after_error:.1%}" if after_error else ""
+    )
+
+
 def results_table(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table (mean ± std over seeds) and the two claims in words."""
     seeds = summary["config"]["seeds"]
-    teacher = summary["teacher"]
-    after_error = teacher.get("accuracy_after_error")
+    text = summary["config"].get("task") == "text"
+    accuracy_key = "next_token_accuracy" if text else "accuracy"
     lines = [
-        f"Teacher accuracy on held-out problems: {teacher['accuracy']:.1%}"
-        + (f"; after a wrong digit planted in its steps: {after_error:.1%}" if after_error else "")
-        + f". Seeds: {', '.join(map(str, seeds))}.",
+        _teacher_line(summary["teacher"]) + f". Seeds: {', '.join(map(str, seeds))}.",
         "",
-        "| arm | lr | accuracy | bits/byte (teacher text) | reverse KL/byte | teacher tokens "
-        "| teacher GFLOPs | teacher engine s |",
+        f"| arm | lr | {'next-token accuracy' if text else 'accuracy'} "
+        f"| bits/byte ({'real text' if text else 'teacher text'}) | reverse KL/byte "
+        "| teacher tokens | teacher GFLOPs | teacher engine s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for entry in summary["arms"].values():
         rate = f"{entry['learning_rate']:g}" if "learning_rate" in entry else "–"
         lines.append(
-            f"| {entry['label']} | {rate} | {_cell(entry, 'accuracy')} "
+            f"| {entry['label']} | {rate} | {_cell(entry, accuracy_key)} "
             f"| {_cell(entry, 'bits_per_byte')} | {_cell(entry, 'eval_reverse_kl_per_byte')} "
             f"| {_cell(entry, 'teacher_tokens_total', digits=0)} "
             f"| {_cell(entry, 'teacher_flops_total', 1e-9, 2)} "
@@ -721,8 +848,9 @@ def results_table(summary: dict[str, Any]) -> str:
         lines.append("")
     for arm, claim in summary["claims"].items():
         label = summary["arms"][arm]["label"]
+        measure = "accuracy" if claim.get("measure", "accuracy") == "accuracy" else "bits/byte"
         if "compute_share_of_sft" in claim:
-            share, target = claim["compute_share_of_sft"], claim["sft_final_accuracy"]
+            share, target = claim["compute_share_of_sft"], claim["sft_final"]
             if not claim["sft_improved"]:
                 lines.append(
                     f"- {label}: no compute ratio: SFT ended at {target:.3f}, not above where "
@@ -730,12 +858,12 @@ def results_table(summary: dict[str, Any]) -> str:
                 )
             elif share is None:
                 lines.append(
-                    f"- {label}: does not reach SFT's final accuracy ({target:.3f}) within "
+                    f"- {label}: does not reach SFT's final {measure} ({target:.3f}) within "
                     "its budget."
                 )
             else:
                 lines.append(
-                    f"- {label}: reaches SFT's final accuracy ({target:.3f}) with {share:.2f}× "
+                    f"- {label}: reaches SFT's final {measure} ({target:.3f}) with {share:.2f}× "
                     "SFT's teacher FLOPs."
                 )
         if "gap_share_closed" in claim:
@@ -767,9 +895,13 @@ def plot_results(
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    text = summary["config"].get("task") == "text"
     for axis, key, title in (
-        (axes[0], "accuracy", "held-out accuracy (higher is better)"),
-        (axes[1], "bits_per_byte", "bits/byte of teacher text (lower is better)"),
+        (axes[0], "next_token_accuracy", "held-out next-token accuracy (higher is better)")
+        if text
+        else (axes[0], "accuracy", "held-out accuracy (higher is better)"),
+        (axes[1], "bits_per_byte",
+         f"bits/byte of {'real held-out' if text else 'teacher'} text (lower is better)"),
         (axes[2], "train_reverse_kl_per_token",
          "training batches' reverse KL / token, block means"),
     ):  # fmt: skip
@@ -815,10 +947,16 @@ def before_after_table(summary: dict[str, Any]) -> str:
     """The demo's table: the warm start (no distillation) against each trained arm's end, each
     headline measure with its evaluation noise (one standard error), and ``*`` where the change
     from before exceeds twice the combined standard error in the right direction."""
+    text = summary["config"].get("task") == "text"
     rows = [
+        ("next-token accuracy (held-out text)", "next_token_accuracy", 1.0, 3, +1),
+        ("bits/byte of real held-out text", "bits_per_byte", 1.0, 3, -1),
+    ] if text else [
         ("task accuracy (held out)", "accuracy", 1.0, 3, +1),
         ("task accuracy, sampled at temperature 1", "sampled_accuracy", 1.0, 3, +1),
         ("bits/byte of teacher text", "bits_per_byte", 1.0, 3, -1),
+    ]  # fmt: skip
+    rows += [
         ("reverse KL to teacher / byte", "eval_reverse_kl_per_byte", 1.0, 3, -1),
         ("teacher tokens used", "teacher_tokens_total", 1.0, 0, 0),
         ("teacher GFLOPs used", "teacher_flops_total", 1e-9, 2, 0),
@@ -828,8 +966,11 @@ def before_after_table(summary: dict[str, Any]) -> str:
     before = arms.get("none")
     trained = [a for a in arms if ARMS[a].loss is not None]
     header = ["", "before (warm start)"] + [f"after: {arms[a]['label']}" for a in trained]
+    teacher = summary["teacher"]
     lines = [
-        f"teacher accuracy (held out): {summary['teacher']['accuracy']:.3f}",
+        _teacher_line(teacher)
+        if text
+        else f"teacher accuracy (held out): {teacher['accuracy']:.3f}",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]

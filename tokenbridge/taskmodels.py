@@ -21,7 +21,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 from tokenbridge.task import Problem, corrupted_example, student_example
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
-__all__ = ["FitSpec", "fit_task_model"]
+__all__ = ["Example", "FitSpec", "fit_model", "fit_task_model"]
 
 _FIT_FILE = "tokenbridge-fit.json"
 
@@ -99,20 +99,47 @@ def fit_task_model(
     settings on the same problems; written to a temporary folder renamed into place, so a crash
     never leaves half a model behind.
     """
+    chosen = list(problems[: fit.examples] if fit.examples else problems)
+
+    def examples(tokenizer: Any) -> tuple[list[Example], list[Example]]:
+        clean: list[Example] = [(*student_example(tokenizer, p), 0) for p in chosen]
+        corrupted: list[Example] = []
+        if fit.corrupt:
+            rng = random.Random(fit.seed + 1)
+            corrupted = [corrupted_example(tokenizer, p, rng) for p in chosen]
+        return clean, corrupted
+
+    return fit_model(
+        spec, fit, examples, [[p.a, p.b] for p in chosen], folder, cache_dir, progress, desc
+    )
+
+
+def fit_model(
+    spec: TinyModelSpec,
+    fit: FitSpec,
+    examples: Callable[[Any], tuple[list[Example], list[Example]]],
+    data_key: Any,
+    folder: Path | str,
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+    desc: str = "fit",
+) -> Path:
+    """Build the model ``spec`` describes and fit it on ``examples(tokenizer)`` (clean examples,
+    and the corrupted pool ``fit.corrupt`` draws from); save it to ``folder``.
+
+    ``data_key`` (JSON) names the data: the fit is skipped when ``folder`` already holds a model
+    fitted with the same settings on the same data. Written to a temporary folder renamed into
+    place, so a crash never leaves half a model behind.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
-    chosen = list(problems[: fit.examples] if fit.examples else problems)
     # A field at its default that older fits lacked is left out, so their caches stay valid.
     fit_settings = {
         k: v for k, v in asdict(fit).items() if k not in ("unused_steps", "corrupt") or v
     }
-    settings = {
-        "model": asdict(spec),
-        "fit": fit_settings,
-        "problems": [[p.a, p.b] for p in chosen],
-    }
+    settings = {"model": asdict(spec), "fit": fit_settings, "problems": data_key}
     marker = folder / _FIT_FILE
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return folder
@@ -122,12 +149,8 @@ def fit_task_model(
         build_tiny_model(spec, workdir / "init", cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(workdir / "init"))
         model = AutoModelForCausalLM.from_pretrained(str(workdir / "init"), dtype=torch.float32)
-        examples: list[Example] = [(*student_example(tokenizer, p), 0) for p in chosen]
-        corrupted: list[Example] = []
-        if fit.corrupt:
-            rng = random.Random(fit.seed + 1)
-            corrupted = [corrupted_example(tokenizer, p, rng) for p in chosen]
-        _fit(model, tokenizer, examples, corrupted, fit, progress, desc)
+        clean, corrupted = examples(tokenizer)
+        _fit(model, tokenizer, clean, corrupted, fit, progress, desc)
         model.save_pretrained(str(workdir / "model"))
         tokenizer.save_pretrained(str(workdir / "model"))
         (workdir / "model" / _FIT_FILE).write_text(json.dumps(settings))

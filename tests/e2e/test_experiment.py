@@ -92,3 +92,28 @@ def test_experiment_flags_are_checked_before_any_work(tmp_path):
     assert done.returncode != 0
     assert "unknown arms" in done.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_the_text_task_runs_end_to_end_on_real_held_out_text(tmp_path):
+    done = _tokenbridge(
+        "experiment", "--preset", "text-smoke", "--out-dir", str(tmp_path), "--no-progress"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["runs"]) == {"none", "opd_candidate_kl", "sft"}
+    teacher = results["summary"]["teacher"]
+    for arm, per_seed in results["runs"].items():
+        for points in per_seed.values():
+            for point in points:
+                for key in ("bits_per_byte", "next_token_accuracy", "eval_reverse_kl_per_byte"):
+                    assert math.isfinite(point[key]), (arm, key, point)
+                assert "accuracy" not in point  # no arithmetic measure on text
+            # Fitted on many more passages, the teacher predicts the held-out plays better
+            # than any student does.
+            assert all(p["bits_per_byte"] > teacher["bits_per_byte"] for p in points), arm
+    claim = results["summary"]["claims"]["opd_candidate_kl"]
+    assert claim["measure"] == "bits_per_byte"
+    table = (tmp_path / "results.md").read_text()
+    assert "bits/byte (real text)" in table and "Teacher on held-out text" in table
+    assert "bits/byte" in done.stdout

@@ -121,3 +121,39 @@ def test_no_gap_share_when_the_reference_ends_below_no_distillation():
     # (0.75 - 0.15) / (0.05 - 0.0)
     assert claim["gain_share_of_same_tokenizer"] == pytest.approx(12.0)
     assert "no gap to close" in results_table(summary)
+
+
+def test_on_text_the_claims_read_bits_per_byte_where_lower_is_better():
+    def points(bits):
+        return [
+            {"step": i, "teacher_tokens_total": i * 3, "teacher_flops_total": i * 10.0,
+             "bits_per_byte": b, "next_token_accuracy": 0.5 - b / 10,
+             "eval_reverse_kl_per_byte": b / 4}
+            for i, b in enumerate(bits)
+        ]  # fmt: skip
+
+    runs = {
+        "none": {0: points([2.0]), 1: points([2.2])},
+        "sft": {0: points([2.0, 1.9, 1.8, 1.7]), 1: points([2.2, 2.1, 2.0, 1.9])},
+        "opd_candidate_kl": {0: points([2.0, 1.7, 1.6, 1.5]), 1: points([2.2, 1.9, 1.8, 1.7])},
+        "same_tokenizer_opd": {0: points([2.0, 1.6, 1.4, 1.3]), 1: points([2.2, 1.8, 1.6, 1.5])},
+    }
+    cfg = ExperimentConfig(task="text", seeds=(0, 1), arms=tuple(runs))
+    teacher = {"bits_per_byte": 1.2, "next_token_accuracy": 0.4}
+    summary = summarise(cfg, runs, teacher, cfg.out_dir)
+    claim = summary["claims"]["opd_candidate_kl"]
+    assert claim["measure"] == "bits_per_byte" and claim["sft_final"] == pytest.approx(1.8)
+    # OPD's mean curve (2.1, 1.8, ...) reaches SFT's final 1.8 at the end of its first interval.
+    assert claim["compute_share_of_sft"] == pytest.approx(10.0 / 30.0)
+    # (2.1 - 1.6) / (2.1 - 1.4): lower bits are the better end of the gap.
+    assert claim["gap_share_closed"] == pytest.approx(0.5 / 0.7)
+    table = results_table(summary)
+    assert "Teacher on held-out text: 1.200 bits/byte" in table
+    assert "SFT's final bits/byte (1.800)" in table and "bits/byte (real text)" in table
+    demo = before_after_table(summary)
+    assert "bits/byte of real held-out text" in demo and "task accuracy" not in demo
+
+
+def test_an_unknown_task_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown task 'poetry'.*arithmetic"):
+        ExperimentConfig(task="poetry")
