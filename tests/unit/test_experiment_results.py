@@ -16,6 +16,7 @@ from tokenbridge.experiment import (
     preset_config,
     results_table,
     summarise,
+    warm_start_fit,
 )
 
 
@@ -99,6 +100,12 @@ def test_presets_refine_the_defaults_and_flags_win():
     smoke = preset_config("smoke", steps=3)
     assert smoke.steps == 3 and smoke.seeds == (0,)
     assert set(preset_config("full").arms) == set(ARMS)
+    # The full preset matches the two students' warm starts; the demo keeps its own.
+    full, demo = preset_config("full"), preset_config("demo")
+    assert warm_start_fit(full, "cross", 0).steps == 900
+    assert warm_start_fit(full, "same", 2).steps == 1200
+    assert warm_start_fit(full, "same", 2).seed == 2
+    assert warm_start_fit(demo, "cross", 0).steps == warm_start_fit(demo, "same", 0).steps == 600
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("huge")
 
