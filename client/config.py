@@ -79,6 +79,15 @@ class TrainConfig:
             "(candidate_reverse_kl; at most 64)"
         },
     )
+    rest_divergence: bool = field(
+        default=False,
+        metadata={
+            "help": "candidate_reverse_kl: also charge the divergence inside the rest (the "
+            "batch's sampled tokens outside the candidates, against the teacher's log-probs) to "
+            "the student's rest mass, so that a broad student cannot hide mass there "
+            "(docs/mapping.md §4b); off by default, see the README's acceptance run"
+        },
+    )
     samples_per_prompt: int = field(
         default=1, metadata={"help": "completions sampled per prompt (a group, for baselines)"}
     )

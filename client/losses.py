@@ -489,9 +489,14 @@ def candidate_reverse_kl_loss(
     mask_BT: Tensor,
     *,
     teacher_unresolved_BTC: Tensor | None = None,
+    sampled_ids_BT: Tensor | None = None,
+    teacher_sampled_logprobs_BT: Tensor | None = None,
+    old_logprobs_BT: Tensor | None = None,
     eps: float = 1e-6,
+    max_advantage: float = 20.0,
 ) -> LossOutput:
-    """Reverse KL over the student's own candidates, scored exactly by the teacher.
+    """Reverse KL over the student's own candidates, scored exactly by the teacher, and a
+    sampled estimate of the divergence inside the rest.
 
     The candidates ``C_j`` are student ids the trainer chose at position ``j`` (its own top-k at
     sampling time); the service returns the teacher's §4b mass of each from the teacher's *full*
@@ -511,10 +516,29 @@ def candidate_reverse_kl_loss(
     the next teacher position, §4b), each candidate's teacher probability is taken at the middle
     of its interval ``[p, p + unresolved]``, and ``unresolved_mass`` reports the mean share.
 
-    ``loss = Σ_valid D_j / #valid``; valid = ``mask`` with at least one finite candidate and no
-    NaN among the candidates' teacher log-probs. Metrics: ``valid_tokens``, ``divergence``,
-    ``student_candidate_mass`` (``Σ q_C``), ``teacher_candidate_mass`` (``Σ p_C``),
-    ``unresolved_mass``.
+    The rest atom alone is blind to *where* inside the rest the student puts its mass: a broad
+    student (prose, where its top-k holds a third of its mass) lowers ``D_j`` by moving mass out
+    of its candidates onto tokens the teacher rejects, and its true divergence grows. With
+    ``sampled_ids_BT`` (the sampled token ``y_j``) and ``teacher_sampled_logprobs_BT`` (the
+    teacher's log-prob of it, §3), the loss adds the rest's own divergence. Exactly,
+
+    ``KL(q ‖ p) = D_j + q_rest · K_j``, ``K_j = KL(q̄ ‖ p̄)`` with ``q̄ = q / q_rest`` and
+    ``p̄ = p / p_rest`` over the ids outside ``C_j``,
+
+    and ``y_j ~ q`` falls in the rest with probability ``q_rest``, so
+    ``R_j = 1[y_j ∉ C_j] · A_j · ρ_j``, ``A_j = sg(log q̄_y − log p̄_y)`` (clamped to
+    ``±max_advantage``) and ``ρ_j = q_y / sg(q_old,y)`` (1 in value; ``old_logprobs_BT`` the
+    sampling policy's, else the current one's), is an unbiased estimate of the second term and
+    of its gradient (score function: the part of the gradient that moves ``q_rest`` itself is
+    already exact in ``D_j``, and ``log(q_rest / p_rest)`` serves as the baseline). Where the
+    sampled token is a candidate, or the teacher gave it no finite log-prob, ``R_j = 0``. It is
+    one draw per position, so it adds variance: the trainer uses it only with
+    ``--rest-divergence`` (the README's acceptance run says what it did).
+
+    ``loss = Σ_valid (D_j + R_j) / #valid``; valid = ``mask`` with at least one finite candidate
+    and no NaN among the candidates' teacher log-probs. Metrics: ``valid_tokens``,
+    ``divergence`` (``D_j``), ``rest_divergence`` (``R_j``), ``student_candidate_mass``
+    (``Σ q_C``), ``teacher_candidate_mass`` (``Σ p_C``), ``unresolved_mass``.
     """
     _check_shapes(
         candidate_ids_BTC=candidate_ids_BTC,
@@ -559,10 +583,37 @@ def candidate_reverse_kl_loss(
     q_BTA = torch.where(atom_BTA, log_q_BTA.exp(), 0.0)
     div_BT = _kl_terms(q_BTA, log_q_BTA, log_p_BTA, atom_BTA)
 
-    loss = _masked_mean(div_BT, valid_BT)
+    rest_BT = torch.zeros_like(div_BT)
+    if sampled_ids_BT is not None or teacher_sampled_logprobs_BT is not None:
+        if sampled_ids_BT is None or teacher_sampled_logprobs_BT is None:
+            raise ValueError("sampled_ids_BT and teacher_sampled_logprobs_BT come together")
+        _check_rows(mask_BT, sampled_ids_BT=sampled_ids_BT[..., None],
+                    teacher_sampled_logprobs_BT=teacher_sampled_logprobs_BT[..., None])  # fmt: skip
+        sampled_BT = sampled_ids_BT.long()
+        teacher_y_BT = teacher_sampled_logprobs_BT.detach().to(dtype)
+        in_rest_BT = (
+            valid_BT
+            & ~((ids_BTC == sampled_BT[..., None]) & col_BTC).any(dim=-1)
+            & torch.isfinite(teacher_y_BT)
+        )
+        log_q_y_BT = student_logprobs_BTV.gather(-1, sampled_BT.clamp(min=0)[..., None])
+        log_q_y_BT = log_q_y_BT[..., 0].to(dtype).clamp(min=_STUDENT_LOG_FLOOR)
+        with torch.no_grad():
+            advantage_BT = (log_q_y_BT - log_q_rest_BT) - (
+                teacher_y_BT.clamp(max=0.0) - log_p_BTA[..., -1]
+            )
+            advantage_BT = torch.where(
+                in_rest_BT, advantage_BT.clamp(-max_advantage, max_advantage), 0.0
+            )
+            old_BT = log_q_y_BT if old_logprobs_BT is None else old_logprobs_BT.to(dtype)
+        ratio_BT = torch.exp(log_q_y_BT - old_BT.detach())
+        rest_BT = torch.where(in_rest_BT, advantage_BT * ratio_BT, 0.0)
+
+    loss = _masked_mean(div_BT + rest_BT, valid_BT)
     metrics = _metrics(
         valid_BT,
         divergence=div_BT.detach(),
+        rest_divergence=rest_BT.detach(),
         student_candidate_mass=q_mass_BT.detach(),
         teacher_candidate_mass=p_mass_BT,
         unresolved_mass=unresolved_BTC.sum(dim=-1),

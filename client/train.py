@@ -216,6 +216,21 @@ def _padded(values: list[np.ndarray], width: int, fill: float, dtype: Any) -> to
     return torch.as_tensor(out, dtype=dtype)
 
 
+def _sampled_rest(
+    rollout: Rollout, width: int, teacher_BT: torch.Tensor, old_BT: torch.Tensor
+) -> dict[str, Any]:
+    """The sampled tokens, the teacher's and the sampling policy's log-probs of them, for the
+    candidate loss's rest term."""
+    sampled_BT = _padded(
+        [np.asarray(ids, dtype=np.int64) for ids in rollout.completion_ids], width, -1, torch.long
+    )
+    return {
+        "sampled_ids_BT": sampled_BT.to(teacher_BT.device),
+        "teacher_sampled_logprobs_BT": teacher_BT,
+        "old_logprobs_BT": old_BT,
+    }
+
+
 def _batch_loss(
     cfg: TrainConfig, model: Any, rollout: Rollout, scored: list[ScoredSequence]
 ) -> losses.LossOutput:
@@ -266,6 +281,7 @@ def _batch_loss(
             teacher_unresolved_BTC=_padded(
                 [s.candidate_unresolved_SC for s in scored], width, 0.0, torch.float32
             ).to(device),
+            **(_sampled_rest(rollout, width, teacher_BT, old_BT) if cfg.rest_divergence else {}),
         )
     if cfg.loss == "reverse_kl":
         baseline_BT = None

@@ -80,6 +80,18 @@ def test_two_steps_of_every_loss(loss, student_dir, service_url, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before), "no weight moved"
 
 
+def test_the_candidate_loss_with_its_rest_term_reports_it(student_dir, service_url, tmp_path):
+    summary = train_main(_config(student_dir, service_url, tmp_path, rest_divergence=True))
+    records = [json.loads(line) for line in summary.metrics_path.read_text().splitlines()]
+    for record in records:
+        assert torch.isfinite(torch.tensor(record["loss"])), record
+        # A tiny fresh student's top-16 of 32k ids holds little mass: samples land in the rest.
+        assert record["rest_divergence"] != 0.0, record
+        assert record["loss"] == pytest.approx(
+            record["divergence"] + record["rest_divergence"], rel=1e-4
+        )
+
+
 def _initial_weights(student_dir):
     from transformers import AutoModelForCausalLM
 

@@ -99,6 +99,54 @@ def test_with_every_id_a_candidate_the_gradient_is_the_exact_reverse_kl_gradient
     torch.testing.assert_close(estimate, exact, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_with_the_sampled_token_the_expected_gradient_is_the_full_reverse_kl_gradient(seed):
+    """A broad student whose top-2 holds little of its mass: the expectation of the estimate
+    over the sampled token (enumerated, weighted by the student's probability) is the full
+    per-position reverse KL, and so is the expectation of its gradient; the rest atom alone is
+    a strict lower bound with another gradient."""
+    rng = np.random.default_rng(seed)
+    logits = torch.tensor(rng.normal(0, 0.3, size=(1, 1, V)), requires_grad=True)
+    teacher = torch.log_softmax(torch.tensor(rng.normal(0, 2.0, size=(1, 1, V))), -1)
+    q = torch.log_softmax(logits, -1)
+    ids = torch.topk(q.detach(), k=2, dim=-1).indices
+    teacher_c = teacher.gather(-1, ids)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    expected = torch.zeros(())
+    expected_grad = torch.zeros_like(logits)
+    for y in range(V):
+        out = candidate_reverse_kl_loss(
+            q, ids, teacher_c, mask, sampled_ids_BT=torch.tensor([[y]]),
+            teacher_sampled_logprobs_BT=teacher[..., y],
+        )  # fmt: skip
+        weight = q[0, 0, y].exp().detach()
+        expected = expected + weight * out.loss.detach()
+        (grad,) = torch.autograd.grad(out.loss, logits, retain_graph=True)
+        expected_grad += weight * grad
+    exact = (q.exp() * (q - teacher)).sum()
+    (exact_grad,) = torch.autograd.grad(exact, logits, retain_graph=True)
+    assert expected.item() == pytest.approx(exact.item(), rel=1e-9)
+    torch.testing.assert_close(expected_grad, exact_grad, rtol=1e-6, atol=1e-9)
+    coarse = candidate_reverse_kl_loss(q, ids, teacher_c, mask).loss
+    assert coarse.item() < exact.item() - 0.01
+    (coarse_grad,) = torch.autograd.grad(coarse, logits)
+    assert (coarse_grad - exact_grad).abs().max() > 0.05
+
+
+def test_the_sampled_token_among_the_candidates_adds_nothing():
+    student, ids, teacher_c, _, mask = candidate_case(0)
+    args = (torch.tensor(student), torch.tensor(ids), torch.tensor(teacher_c), torch.tensor(mask))
+    plain = candidate_reverse_kl_loss(*args)
+    sampled = torch.tensor(ids[..., 0]).clamp(min=0)
+    with_sampled = candidate_reverse_kl_loss(
+        *args, sampled_ids_BT=sampled, teacher_sampled_logprobs_BT=torch.zeros(B, T)
+    )
+    assert with_sampled.loss.item() == pytest.approx(plain.loss.item(), rel=1e-12)
+    assert with_sampled.metrics["rest_divergence"] == 0.0
+    with pytest.raises(ValueError, match="come together"):
+        candidate_reverse_kl_loss(*args, sampled_ids_BT=sampled)
+
+
 def test_group_baseline_is_the_mean_of_the_other_samples():
     adv = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [5.0, 7.0, 9.0], [4.0, 0.0, 0.0]])
     valid = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
