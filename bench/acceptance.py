@@ -74,7 +74,7 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    """Fit (or reuse) the models, run both arms for every seed, print and write the results."""
+    """Fit (or reuse) the models, run every chosen arm for each seed, print and save results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/acceptance"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

