@@ -38,7 +38,13 @@ from tokenbridge.textcont import (
 )
 from tokenbridge.tinymodels import TinyModelSpec
 
-ARMS = {"defaults": [], "sft": ["--loss", "sft"], "rest": ["--rest-divergence"]}
+ARMS = {
+    "defaults": [],
+    "sft": ["--loss", "sft"],
+    "rest": ["--rest-divergence"],
+    # The defaults before the teacher's own ids joined the support: the student's top-16 alone.
+    "student_support": ["--teacher-support", "0", "--candidates", "16"],
+}
 
 
 def _measure(

@@ -73,10 +73,18 @@ class TrainConfig:
     loss: str = field(default="candidate_reverse_kl", metadata={"help": " | ".join(LOSSES)})
     top_k: int = field(default=20, metadata={"help": "teacher distribution width (sparse losses)"})
     candidates: int = field(
-        default=16,
+        default=32,
         metadata={
             "help": "the student's own top-k ids per position that the teacher scores exactly "
             "(candidate_reverse_kl; at most 64)"
+        },
+    )
+    teacher_support: int = field(
+        default=64,
+        metadata={
+            "help": "candidate_reverse_kl: add the teacher's own top ids (its §4 row, this many, "
+            "at most the service's max_top_k; 0: none) to the student's candidates, so the rest "
+            "atom holds little of either distribution (docs/mapping.md §4b)"
         },
     )
     rest_divergence: bool = field(
@@ -192,6 +200,8 @@ class TrainConfig:
             problems.append("baseline 'group' needs samples_per_prompt >= 2")
         if not 1 <= self.candidates <= 64:
             problems.append("candidates must lie in [1, 64]")
+        if self.teacher_support < 0:
+            problems.append("teacher_support must be >= 0")
         if self.samples_per_prompt < 1:
             problems.append("samples_per_prompt must be at least 1")
         if (self.learning_rate or 0) <= 0 or self.max_grad_norm <= 0 or self.temperature < 0:

@@ -621,6 +621,43 @@ def candidate_reverse_kl_loss(
     return LossOutput(loss, metrics)
 
 
+def with_teacher_support(
+    candidate_ids_BTC: Tensor,
+    teacher_candidate_logprobs_BTC: Tensor,
+    teacher_unresolved_BTC: Tensor,
+    topk_ids_BTK: Tensor,
+    topk_logprobs_BTK: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The student's candidates followed by the teacher's own listed ids (its §4 row), as
+    ``(ids, teacher log-probs, unresolved)`` for ``candidate_reverse_kl_loss``.
+
+    A student's top-k alone can leave most of both distributions in the rest atom (prose): the
+    teacher's top-K ids there make the rest small for the teacher too, so the loss sees where the
+    teacher's mass is. Where both name an id the loss keeps the first column, the candidate's
+    exact §4b mass; the §4 entries are lower bounds (the teacher's top-K only, no unresolved
+    share). Rows the service did not score (NaN candidates) stay NaN in the added columns.
+    """
+    _check_shapes(
+        candidate_ids_BTC=candidate_ids_BTC,
+        teacher_candidate_logprobs_BTC=teacher_candidate_logprobs_BTC,
+        teacher_unresolved_BTC=teacher_unresolved_BTC,
+    )
+    _check_shapes(topk_ids_BTK=topk_ids_BTK, topk_logprobs_BTK=topk_logprobs_BTK)
+    if topk_ids_BTK.shape[:-1] != candidate_ids_BTC.shape[:-1]:
+        raise ValueError(
+            f"topk rows {tuple(topk_ids_BTK.shape[:-1])} differ from the candidates' "
+            f"{tuple(candidate_ids_BTC.shape[:-1])}"
+        )
+    unscored_BT1 = torch.isnan(teacher_candidate_logprobs_BTC).all(dim=-1, keepdim=True)
+    topk_BTK = torch.where(unscored_BT1, torch.nan, topk_logprobs_BTK.to(
+        teacher_candidate_logprobs_BTC.dtype))  # fmt: skip
+    return (
+        torch.cat([candidate_ids_BTC, topk_ids_BTK.to(candidate_ids_BTC.dtype)], dim=-1),
+        torch.cat([teacher_candidate_logprobs_BTC, topk_BTK], dim=-1),
+        torch.cat([teacher_unresolved_BTC, torch.zeros_like(topk_BTK)], dim=-1),
+    )
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,6 +121,13 @@ class TeacherClientConfig:
     teacher: str | None = field(
         default=None,
         metadata={"help": "the service's teacher to use, by name (none: its default teacher)"},
+    )
+    clamp_top_k: bool = field(
+        default=False,
+        metadata={
+            "help": "lower top_k to a replica's max_top_k at start-up instead of refusing (for "
+            "callers to whom a narrower teacher row is only a smaller support)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -960,6 +967,10 @@ class TeacherClient:
             raise TeacherConfigError(
                 f"{replica.url} reports no teacher vocab_hash", url=replica.url
             )
+        if self.config.top_k > max_top_k and self.config.clamp_top_k:
+            logger.info("top_k %d lowered to %s's max_top_k %d", self.config.top_k, replica.url,
+                     max_top_k)  # fmt: skip
+            self.config = replace(self.config, top_k=max_top_k)
         if self.config.top_k > max_top_k:
             which = f"teacher {self.config.teacher!r}" if self.config.teacher else "teacher"
             raise TeacherConfigError(

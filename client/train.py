@@ -271,16 +271,25 @@ def _batch_loss(
                 "candidate_reverse_kl needs the teacher's candidate_logprobs: the rollout named "
                 "no candidates or the service answered none"
             )
+        ids_BTC = _padded(rollout.candidate_ids, width, -1, torch.long).to(device)
+        teacher_BTC = _padded(
+            [s.candidate_logprobs_SC for s in scored], width, np.nan, torch.float32
+        ).to(device)
+        unresolved_BTC = _padded(
+            [s.candidate_unresolved_SC for s in scored], width, 0.0, torch.float32
+        ).to(device)
+        if cfg.teacher_support:
+            topk_ids_BTK, topk_BTK = teacher_topk()
+            ids_BTC, teacher_BTC, unresolved_BTC = losses.with_teacher_support(
+                ids_BTC, teacher_BTC, unresolved_BTC,
+                topk_ids_BTK[..., : cfg.teacher_support], topk_BTK[..., : cfg.teacher_support],
+            )  # fmt: skip
         return losses.candidate_reverse_kl_loss(
             logprobs_BTV,
-            _padded(rollout.candidate_ids, width, -1, torch.long).to(device),
-            _padded([s.candidate_logprobs_SC for s in scored], width, np.nan, torch.float32).to(
-                device
-            ),
+            ids_BTC,
+            teacher_BTC,
             mask_BT,
-            teacher_unresolved_BTC=_padded(
-                [s.candidate_unresolved_SC for s in scored], width, 0.0, torch.float32
-            ).to(device),
+            teacher_unresolved_BTC=unresolved_BTC,
             **(_sampled_rest(rollout, width, teacher_BT, old_BT) if cfg.rest_divergence else {}),
         )
     if cfg.loss == "reverse_kl":
@@ -730,9 +739,14 @@ class _Teachers:
         clients: dict[str, SyncTeacherClient] = {}
 
         def started(name: str | None) -> SyncTeacherClient:
+            support = cfg.teacher_support if cfg.loss == "candidate_reverse_kl" else 0
             client = SyncTeacherClient(
                 TeacherClientConfig(
-                    urls=cfg.teacher_urls, api_key=cfg.api_key, top_k=cfg.top_k, teacher=name
+                    urls=cfg.teacher_urls,
+                    api_key=cfg.api_key,
+                    top_k=max(cfg.top_k, support),
+                    teacher=name,
+                    clamp_top_k=support > cfg.top_k,
                 ),
                 student_tokenizer=tokenizer,
             )

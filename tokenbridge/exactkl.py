@@ -232,7 +232,7 @@ class StepCheck:
         url, _, _ = stack.enter_context(
             serve_process(
                 ["--teacher", str(teacher_dir), "--data-dir", str(folder / "service"),
-                 "--log-level", "warning", "--max-top-k", "32"],
+                 "--log-level", "warning", "--max-top-k", "64"],
                 folder, env=env,
             )
         )  # fmt: skip

@@ -391,7 +391,7 @@ def run_experiment(
     # keeps sampling, so two busy processes never fight over more threads than cores.
     env = {"OMP_NUM_THREADS": "1", "TOKENBRIDGE_CACHE": str(cache_dir)}
     serve_args = ["--teacher", str(teacher_dir), "--data-dir", str(out_dir / "service"),
-                  "--log-level", "warning", "--max-top-k", str(max(cfg.top_k, 16))]  # fmt: skip
+                  "--log-level", "warning", "--max-top-k", str(max(cfg.top_k, 64))]  # fmt: skip
     log("starting the teacher service (its own process) ...")
     with serve_process(serve_args, out_dir, env=env) as (url, _, service_log):
         log(f"teacher service ready at {url} (log: {service_log})")

@@ -278,6 +278,24 @@ def test_top_k_above_the_service_maximum_fails_at_start(replica_a):
     assert f"max_top_k {MAX_TOP_K}" in str(caught.value)
 
 
+def test_clamp_top_k_lowers_it_to_the_service_maximum_and_scores_that_wide(replica_a, sequences):
+    """The trainer's candidate loss asks for the teacher's row as wide as the service allows:
+    with ``clamp_top_k`` a top_k above the maximum is lowered at start, not refused, and the
+    answers are checked against the lowered width."""
+
+    async def go():
+        async with TeacherClient(
+            config(top_k=MAX_TOP_K + 5, clamp_top_k=True), STUDENT,
+            transports=httpx.ASGITransport(app=replica_a.app),
+        ) as client:  # fmt: skip
+            result = await client.score(sequences[:1])
+            return client.config.top_k, result
+
+    top_k, result = replica_a.loop.run(go())
+    assert top_k == result.top_k == MAX_TOP_K
+    assert result.sequences[0].topk_ids_SK.shape[1] in (MAX_TOP_K, MAX_TOP_K + 1)
+
+
 def test_a_refused_student_tokenizer_fails_at_start(replica_a):
     async def go():
         async with TeacherClient(

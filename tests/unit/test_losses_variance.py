@@ -16,6 +16,7 @@ from tokenbridge.client.losses import (
     group_baseline,
     position_baseline,
     reverse_kl_advantage_loss,
+    with_teacher_support,
 )
 
 B, T, V, C = 3, 4, 9, 4
@@ -145,6 +146,57 @@ def test_the_sampled_token_among_the_candidates_adds_nothing():
     assert with_sampled.metrics["rest_divergence"] == 0.0
     with pytest.raises(ValueError, match="come together"):
         candidate_reverse_kl_loss(*args, sampled_ids_BT=sampled)
+
+
+def test_teacher_support_keeps_exact_candidates_and_brings_the_teachers_mass_into_the_loss():
+    """A broad student whose top-2 misses the teacher's favourite: with the teacher's listed ids
+    added, a shared id keeps its exact candidate value, the favourite becomes an atom, the loss
+    moves up toward the full reverse KL (a finer partition, data processing), and its gradient
+    pushes the favourite's logit up hardest of the ids outside the student's top-2, where the
+    rest atom alone could not single it out."""
+    rng = np.random.default_rng(3)
+    logits = torch.tensor(rng.normal(0, 0.3, size=(1, 1, V)), requires_grad=True)
+    q = torch.log_softmax(logits, -1)
+    ids = torch.topk(q.detach(), k=2, dim=-1).indices
+    favourite = int(torch.argmin(q.detach()[0, 0]))
+    teacher = torch.full((1, 1, V), -8.0, dtype=torch.float64)
+    teacher[0, 0, favourite] = 0.0
+    teacher[0, 0, ids[0, 0, 0]] = -1.5
+    teacher = torch.log_softmax(teacher, -1)
+    teacher_c = teacher.gather(-1, ids)
+    topk_ids = torch.tensor([[[favourite, int(ids[0, 0, 0]), -1]]])
+    # A §4 lower bound for the shared id, below its exact candidate value.
+    topk_lps = torch.tensor([[[teacher[0, 0, favourite].item(), -3.0, -math.inf]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    merged_ids, merged_lps, merged_unres = with_teacher_support(
+        ids, teacher_c, torch.zeros_like(teacher_c), topk_ids, topk_lps
+    )
+    assert merged_ids.shape[-1] == 5 and merged_unres.abs().sum() == 0
+    plain = candidate_reverse_kl_loss(q, ids, teacher_c, mask)
+    merged = candidate_reverse_kl_loss(q, merged_ids, merged_lps, mask)
+    exact = (q.exp() * (q - teacher)).sum()
+    assert plain.loss.item() < merged.loss.item() <= exact.item() + 1e-9
+    # Only the exact value of the shared id counts: replacing its duplicate changes nothing.
+    other = merged_lps.clone()
+    other[0, 0, 3] = -0.1
+    again = candidate_reverse_kl_loss(q, merged_ids, other, mask)
+    assert again.loss.item() == pytest.approx(merged.loss.item(), rel=1e-12)
+    (grad_plain,) = torch.autograd.grad(plain.loss, logits, retain_graph=True)
+    (grad_merged,) = torch.autograd.grad(merged.loss, logits)
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[ids[0, 0]] = False
+    merged_rest = torch.where(outside, grad_merged[0, 0], math.inf)
+    plain_rest = torch.where(outside, grad_plain[0, 0], math.inf)
+    assert merged_rest[favourite] < 0 and int(torch.argmin(merged_rest)) == favourite
+    assert int(torch.argmin(plain_rest)) != favourite
+    unscored = with_teacher_support(
+        ids, torch.full_like(teacher_c, math.nan), torch.zeros_like(teacher_c), topk_ids, topk_lps
+    )[1]
+    assert torch.isnan(unscored).all()
+    with pytest.raises(ValueError, match="topk rows"):
+        with_teacher_support(
+            ids, teacher_c, torch.zeros_like(teacher_c), topk_ids[:, :0], topk_lps[:, :0]
+        )
 
 
 def test_group_baseline_is_the_mean_of_the_other_samples():
