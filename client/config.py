@@ -45,6 +45,9 @@ BASELINES = ("auto", "none", "group", "position")
 #: 20 steps lowered the exact reverse KL on validation for both an identical and a cross-family
 #: pair. The sampled-token ``reverse_kl`` raised it at both rates there: its 1e-4 keeps the damage
 #: smallest. ``semantic_prior`` and ``sft`` were not measured: the rates of their neighbours.
+#: The teacher's own top ids the default loss adds to the student's candidates (README, "Acceptance
+#: run"): a service that starts its own teacher for training asks at least this ``max_top_k``.
+DEFAULT_TEACHER_SUPPORT = 64
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "candidate_reverse_kl": 3e-4,
     "reverse_kl": 1e-4,
@@ -80,7 +83,7 @@ class TrainConfig:
         },
     )
     teacher_support: int = field(
-        default=64,
+        default=DEFAULT_TEACHER_SUPPORT,
         metadata={
             "help": "candidate_reverse_kl: add the teacher's own top ids (its §4 row, this many, "
             "at most the service's max_top_k; 0: none) to the student's candidates, so the rest "

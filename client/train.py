@@ -738,8 +738,10 @@ class _Teachers:
         prompt rows ``requested``; nothing is left open when one fails."""
         clients: dict[str, SyncTeacherClient] = {}
 
+        # The candidate loss reads the teacher's row as wide as its support, or the service's max.
+        support = cfg.teacher_support if cfg.loss == "candidate_reverse_kl" else 0
+
         def started(name: str | None) -> SyncTeacherClient:
-            support = cfg.teacher_support if cfg.loss == "candidate_reverse_kl" else 0
             client = SyncTeacherClient(
                 TeacherClientConfig(
                     urls=cfg.teacher_urls,

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from tokenbridge.client.config import DEFAULT_TEACHER_SUPPORT
+
 __all__ = [
     "ExactReverseKL",
     "StepCheck",
@@ -232,7 +234,7 @@ class StepCheck:
         url, _, _ = stack.enter_context(
             serve_process(
                 ["--teacher", str(teacher_dir), "--data-dir", str(folder / "service"),
-                 "--log-level", "warning", "--max-top-k", "64"],
+                 "--log-level", "warning", "--max-top-k", str(DEFAULT_TEACHER_SUPPORT)],
                 folder, env=env,
             )
         )  # fmt: skip

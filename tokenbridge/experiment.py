@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenbridge import textcont
+from tokenbridge.client.config import DEFAULT_TEACHER_SUPPORT
 from tokenbridge.task import accuracy, bits_per_byte, parse_answer, split_problems
 from tokenbridge.taskmodels import FitSpec, fit_model, fit_task_model
 from tokenbridge.tinymodels import TinyModelSpec
@@ -390,8 +391,9 @@ def run_experiment(
     # The service gets one thread: it is idle most of the time, and while it scores the student
     # keeps sampling, so two busy processes never fight over more threads than cores.
     env = {"OMP_NUM_THREADS": "1", "TOKENBRIDGE_CACHE": str(cache_dir)}
+    max_top_k = max(cfg.top_k, DEFAULT_TEACHER_SUPPORT)
     serve_args = ["--teacher", str(teacher_dir), "--data-dir", str(out_dir / "service"),
-                  "--log-level", "warning", "--max-top-k", str(max(cfg.top_k, 64))]  # fmt: skip
+                  "--log-level", "warning", "--max-top-k", str(max_top_k)]  # fmt: skip
     log("starting the teacher service (its own process) ...")
     with serve_process(serve_args, out_dir, env=env) as (url, _, service_log):
         log(f"teacher service ready at {url} (log: {service_log})")
