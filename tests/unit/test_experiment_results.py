@@ -164,3 +164,14 @@ def test_on_text_the_claims_read_bits_per_byte_where_lower_is_better():
 def test_an_unknown_task_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown task 'poetry'.*arithmetic"):
         ExperimentConfig(task="poetry")
+
+
+def test_the_teacher_line_reports_its_temperature_1_accuracy_beside_greedy():
+    cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
+    teacher = {"accuracy": 1.0, "sampled_accuracy": 0.69, "accuracy_after_error": 0.81}
+    table = results_table(summarise(cfg, _runs(), teacher, cfg.out_dir))
+    assert "100.0% (69.0% sampled at temperature 1)" in table
+    assert "after a wrong digit planted in its steps: 81.0%" in table
+    # Older results, without the sampled accuracy, still read.
+    old = results_table(summarise(cfg, _runs(), {"accuracy": 0.97}, cfg.out_dir))
+    assert "97.0%" in old and "sampled" not in old.split("\n")[0]
