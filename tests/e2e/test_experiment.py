@@ -59,7 +59,11 @@ def test_reduced_experiment_runs_every_arm_with_finite_improving_metrics(smoke):
     }
     assert any(p[-1]["eval_reverse_kl_per_byte"] < p[0]["eval_reverse_kl_per_byte"]
                for p in opd_kl.values()), opd_kl  # fmt: skip
-    assert 0.5 <= results["summary"]["teacher"]["accuracy"] <= 1.0
+    teacher = results["summary"]["teacher"]
+    assert 0.5 <= teacher["accuracy"] <= 1.0
+    # Distillation teaches the teacher's whole distribution: one right only greedily (0.69 at
+    # temperature 1 with half its examples corrupted) taught the demo's student off-by-one sums.
+    assert teacher["sampled_accuracy"] >= 0.75, teacher
     table = (out / "results.md").read_text()
     assert table.split("Paired")[0].count("\n| ") == 1 + len(ARMS)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
