@@ -61,32 +61,12 @@ def test_reduced_experiment_runs_every_arm_with_finite_improving_metrics(smoke):
                for p in opd_kl.values()), opd_kl  # fmt: skip
     teacher = results["summary"]["teacher"]
     assert 0.5 <= teacher["accuracy"] <= 1.0
-    assert 0.0 <= teacher["sampled_accuracy"] <= 1.0  # reported; read on 200 problems below
+    # Reported beside greedy: distillation teaches the whole distribution (README, "Models").
+    assert 0.0 <= teacher["sampled_accuracy"] <= 1.0
     table = (out / "results.md").read_text()
     assert table.split("Paired")[0].count("\n| ") == 1 + len(ARMS)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "plot:" in done.stdout and "teacher accuracy" in done.stdout.lower()
-
-
-@pytest.mark.slow
-def test_the_teacher_is_right_at_temperature_1_not_only_greedily(smoke):
-    """Distillation teaches the teacher's whole distribution, not its argmax. Fitted with half
-    its examples corrupted, the teacher was right greedily but 0.69 at temperature 1 (its answers
-    scattered one ten either side), and it taught the demo's student off-by-one sums; at the
-    default 0.2 it is about 0.9. Read on the 200 held-out problems (no model trains on them;
-    nothing is chosen by this), where the smoke run's 24 are too few to tell the two apart."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tokenbridge.experiment import ExperimentConfig, task_split
-    from tokenbridge.task import accuracy
-
-    out, _ = smoke
-    teacher = json.loads((out / "results.json").read_text())["summary"]["teacher"]
-    tokenizer = AutoTokenizer.from_pretrained(teacher["model"])
-    model = AutoModelForCausalLM.from_pretrained(teacher["model"]).eval()
-    _, _, held_out = task_split(ExperimentConfig())
-    sampled = accuracy(model, tokenizer, held_out, 40, temperature=1.0, seed=1)
-    assert sampled >= 0.8, sampled
 
 
 @pytest.mark.slow
