@@ -26,12 +26,20 @@ PAIRS = ("same", "cross")
 #: founding paper's baseline (its chunk target is not a divergence to the teacher).
 LOSSES = ("candidate_reverse_kl", "reverse_kl", "sparse_reverse_kl", "forward_kl", "jsd")
 VALIDATION_PROMPTS = 32
+#: The teacher these cases were measured on (half its examples corrupted). On the default
+#: teacher (0.2), measured once: one step of the cross-family candidate loss raised the exact
+#: reverse KL (0.52832 -> 0.52943) and the sampled estimator lowered it; open (README, "Defaults
+#: that teach"). The twenty-step check passed on both pairs there.
+TEACHER_CORRUPT = 0.5
 
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
     folder = tmp_path_factory.mktemp("learning")
-    started = StepCheck.start(ExperimentConfig(progress=False), CACHE_DIR, folder, list(PAIRS))
+    started = StepCheck.start(
+        ExperimentConfig(progress=False, teacher_corrupt=TEACHER_CORRUPT), CACHE_DIR, folder,
+        list(PAIRS),
+    )  # fmt: skip
     yield started
     started.close()
 
