@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenbridge.client.routing import check_schedule
-from tokenbridge.configargs import load_toml
+from tokenbridge.shared.configargs import load_toml
 
 __all__ = [
     "BASELINES",

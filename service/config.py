@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.configargs import load_toml
+from tokenbridge.shared.configargs import load_toml
 from tokenbridge.shared.protocol import DEFAULT_TEACHER, TEACHER_NAME
 
 __all__ = [

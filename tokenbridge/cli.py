@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from tokenbridge.client.config import TrainConfig
-from tokenbridge.configargs import add_config_arguments, config_from_args, load_toml
 from tokenbridge.demo import DemoConfig, run_demo
 from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, materialise
 from tokenbridge.service.config import ServiceConfig
+from tokenbridge.shared.configargs import add_config_arguments, config_from_args, load_toml
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 __all__ = ["SERVE_ENGINE_FAILED", "SERVE_STARTUP_FAILED", "main"]

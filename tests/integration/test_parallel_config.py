@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from tokenbridge.cli import _parse_with_config_file, _subparser, build_parser
-from tokenbridge.configargs import config_from_args
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.service.engines import build_engine
+from tokenbridge.shared.configargs import config_from_args
 
 
 def serve_config(argv: list[str]) -> ServiceConfig:

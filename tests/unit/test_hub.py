@@ -7,9 +7,9 @@ import argparse
 import pytest
 
 from tokenbridge.cli import build_parser
-from tokenbridge.configargs import config_from_args
 from tokenbridge.demo import DemoConfig
 from tokenbridge.hub import OfflineTokenizerError, load_tokenizer, materialise
+from tokenbridge.shared.configargs import config_from_args
 
 
 def test_unknown_offline_name_lists_the_known_ones(tmp_path):

@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenbridge.cli import build_parser
-from tokenbridge.configargs import config_from_args
 from tokenbridge.service.config import ServiceConfig, hash_api_key, load_config_file
+from tokenbridge.shared.configargs import config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenbridge.cli import _parse_with_config_file, _subparser, build_parser
-from tokenbridge.configargs import config_from_args
 from tokenbridge.service.config import (
     DEFAULT_TEACHER,
     TEACHER_KEYS,
@@ -26,6 +25,7 @@ from tokenbridge.service.config import (
     ServiceConfig,
     load_config_file,
 )
+from tokenbridge.shared.configargs import config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 

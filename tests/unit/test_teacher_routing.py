@@ -31,7 +31,7 @@ from tokenbridge.client.train import (
     load_routed_prompts,
     take_routed_batch,
 )
-from tokenbridge.configargs import add_config_arguments, config_from_args
+from tokenbridge.shared.configargs import add_config_arguments, config_from_args
 
 names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,10}", fullmatch=True)
 teacher_lists = st.lists(names, min_size=1, max_size=5, unique=True)
