@@ -27,7 +27,7 @@ import numpy as np
 from tokenbridge.service.errors import NotFoundError, UnprocessableError
 from tokenbridge.shared.align import align, encode_continuation, teacher_view, token_widths
 from tokenbridge.shared.cache import TableCache, tokenizer_fingerprint
-from tokenbridge.shared.errors import TokenbridgeError
+from tokenbridge.shared.errors import TokenbridgeError, one_line_reason
 from tokenbridge.shared.mapping import PairMapper
 from tokenbridge.shared.protocol import RegisterTokenizerRequest
 from tokenbridge.shared.vocab import Vocab
@@ -275,7 +275,8 @@ class StudentRegistry:
         try:
             student_id = tokenizer_fingerprint(tokenizer)
         except Exception as error:
-            raise UnprocessableError(f"cannot read the tokenizer: {_reason(error)}") from None
+            reason = one_line_reason(error)
+            raise UnprocessableError(f"cannot read the tokenizer: {reason}") from None
         with self._lock:
             existing = self._entries.get(student_id)
             if existing is not None:
@@ -325,7 +326,8 @@ class StudentRegistry:
         except BaseException as error:
             # BaseException: the Rust tokenizers library reports its panics as PanicException,
             # which does not derive from Exception; a hostile upload must not take a worker down.
-            raise UnprocessableError(f"cannot load the tokenizer: {_reason(error)}") from None
+            reason = one_line_reason(error)
+            raise UnprocessableError(f"cannot load the tokenizer: {reason}") from None
         if not getattr(tokenizer, "is_fast", False):
             raise UnprocessableError("the tokenizer has no fast (Rust) implementation")
         if request.chat_template is not None:
@@ -367,7 +369,7 @@ class StudentRegistry:
         except BaseException as error:  # PanicException from the Rust tokenizers library too
             logger.warning("registration %r could not be mapped", name, exc_info=True)
             raise UnprocessableError(
-                f"tokenizer {name!r} cannot be mapped: {_reason(error)}"
+                f"tokenizer {name!r} cannot be mapped: {one_line_reason(error)}"
             ) from None
 
     def _entry(
@@ -420,9 +422,3 @@ class StudentRegistry:
             os.rename(workdir, target)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _reason(error: BaseException) -> str:
-    """A one-line reason without paths into the service's own installation."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:300]

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from tokenbridge.shared.errors import CodecError
+from tokenbridge.shared.errors import CodecError, one_line_reason
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -177,10 +177,6 @@ def _check_text(value: Any) -> None:
             stack.extend(item)
 
 
-def _reason(error: BaseException) -> str:
-    return str(error) or type(error).__name__
-
-
 def unpack(body: bytes, content_type: str = MSGPACK) -> Any:
     """Parse a msgpack or JSON body (typed arrays become numpy); ``CodecError`` if malformed.
 
@@ -191,7 +187,7 @@ def unpack(body: bytes, content_type: str = MSGPACK) -> Any:
         try:
             value = json.loads(body, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as error:
-            raise CodecError(f"body is not valid JSON: {_reason(error)}") from None
+            raise CodecError(f"body is not valid JSON: {one_line_reason(error)}") from None
         if isinstance(body, str) or _SURROGATE_ESCAPE.search(body):
             _check_text(value)
         return value
@@ -204,4 +200,4 @@ def unpack(body: bytes, content_type: str = MSGPACK) -> Any:
     except (msgpack.StackError, RecursionError):  # StackError is a ValueError: caught first
         raise CodecError("body is not valid msgpack: it is nested too deeply") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as error:
-        raise CodecError(f"body is not valid msgpack: {_reason(error)}") from None
+        raise CodecError(f"body is not valid msgpack: {one_line_reason(error)}") from None

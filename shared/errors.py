@@ -18,7 +18,16 @@ __all__ = [
     "ScoresShapeError",
     "TokenbridgeError",
     "TokenizerUnsupportedError",
+    "one_line_reason",
 ]
+
+
+def one_line_reason(error: BaseException, limit: int = 300) -> str:
+    """What went wrong, fit for a client's error message: the first line of ``error``'s text
+    (its type name when it has none), at most ``limit`` characters, so that tracebacks and paths
+    into the installation that a library puts on later lines never reach the client."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
 class TokenbridgeError(Exception):

@@ -1,8 +1,9 @@
 """The v1 wire protocol: request models (validated with pydantic) and the score response layout.
 
 Both sides use these definitions: the service validates requests with them and builds responses
-with ``score_sequence_fields``; the client builds requests with them and reads responses with
-``ScoredSequence.from_wire``. Field names are the same in msgpack and JSON.
+in this layout (``tokenbridge.service.scoring.wire_sequence``); the client builds requests with
+them and reads responses with ``ScoredSequence.from_wire``. Field names are the same in msgpack
+and JSON.
 
 Positions: in a score response, row ``j`` of every per-token array is about completion token ``j``
 given the prompt and completion tokens ``0..j-1``. Log-probs are the teacher's at temperature 1.

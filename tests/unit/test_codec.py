@@ -471,3 +471,12 @@ def test_api_keys_stay_out_of_the_config_repr():
     from tokenbridge.service.config import ServiceConfig
 
     assert "hunter2" not in repr(ServiceConfig(api_keys=("hunter2",)))
+
+
+def test_reasons_keep_one_line_and_never_the_traceback():
+    from tokenbridge.shared.errors import one_line_reason
+
+    error = ValueError("bad token at 3\n  File /opt/site-packages/tokenizers/x.py, line 9")
+    assert one_line_reason(error) == "bad token at 3"
+    assert one_line_reason(KeyError()) == "KeyError"
+    assert one_line_reason(ValueError("x" * 1000), limit=40) == "x" * 40
