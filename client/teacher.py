@@ -45,7 +45,7 @@ from tokenbridge.client.errors import (
     UnknownTeacherError,
 )
 from tokenbridge.client.routing import check_teacher_name
-from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack
+from tokenbridge.shared.codec import JSON, MSGPACK, body_encoding, pack, unpack
 from tokenbridge.shared.errors import CodecError
 from tokenbridge.shared.protocol import (
     API_VERSION,
@@ -1204,9 +1204,9 @@ class TeacherClient:
             raise ValueError(f"the request cannot be encoded: {error}") from None
 
     def _decode(self, response: httpx.Response, replica: _Replica, path: str) -> Any:
-        kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = response.headers.get("content-type", "")
         try:
-            return unpack(response.content, JSON if kind == JSON else MSGPACK)
+            return unpack(response.content, body_encoding(kind) or MSGPACK)
         except CodecError as error:
             raise TeacherProtocolError(
                 f"the answer of {replica.url}{path} cannot be decoded ({kind or 'no type'}): "
@@ -1217,9 +1217,9 @@ class TeacherClient:
     @staticmethod
     def _error_of(response: httpx.Response) -> tuple[str, str]:
         """The service's ``{"error": {"code", "message"}}``, or the raw text of another server."""
-        kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        encoding = body_encoding(response.headers.get("content-type")) or MSGPACK
         try:
-            value = unpack(response.content, JSON if kind == JSON else MSGPACK)
+            value = unpack(response.content, encoding)
             error = value["error"]
             return str(error["code"]), str(error["message"])
         except (CodecError, KeyError, TypeError):

@@ -41,7 +41,7 @@ from tokenbridge.service.errors import (
     UnsupportedMediaTypeError,
 )
 from tokenbridge.service.quotas import KeyQuotas, key_id
-from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack
+from tokenbridge.shared.codec import JSON, MSGPACK, MSGPACK_TYPES, body_encoding, pack, unpack
 from tokenbridge.shared.errors import CodecError
 from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
 
@@ -50,32 +50,29 @@ __all__ = ["create_app"]
 logger = logging.getLogger("tokenbridge.service.http")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-_MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 
 
 # -- encodings -------------------------------------------------------------------------------
 
 
 def _request_encoding(request: Request) -> str:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not content_type or content_type in _MSGPACK_TYPES:
-        return MSGPACK
-    if content_type == JSON or content_type.endswith("+json"):
-        return JSON
-    raise UnsupportedMediaTypeError(
-        f"content type {content_type!r} is not supported; send application/msgpack or "
-        "application/json"
-    )
+    header = request.headers.get("content-type")
+    encoding = body_encoding(header)
+    if encoding is None:
+        raise UnsupportedMediaTypeError(
+            f"content type {header!r} is not supported; send application/msgpack or "
+            "application/json"
+        )
+    return encoding
 
 
 def _response_encoding(request: Request) -> str:
     accept = request.headers.get("accept", "").lower()
     wants_json = JSON in accept
-    wants_msgpack = any(t in accept for t in _MSGPACK_TYPES)
+    wants_msgpack = any(t in accept for t in MSGPACK_TYPES)
     if wants_json != wants_msgpack:
         return JSON if wants_json else MSGPACK
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return JSON if content_type == JSON else MSGPACK
+    return body_encoding(request.headers.get("content-type")) or MSGPACK
 
 
 def _respond(

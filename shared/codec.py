@@ -23,6 +23,8 @@ __all__ = [
     "ALLOWED_DTYPES",
     "JSON",
     "MSGPACK",
+    "MSGPACK_TYPES",
+    "body_encoding",
     "decode_array",
     "encode_array",
     "narrow_ints",
@@ -38,6 +40,22 @@ ALLOWED_DTYPES = frozenset(
     {"|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "<f2", "<f4", "<f8"}
 )
 _ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
+#: The names msgpack goes by; there is no registered one, so peers send any of these.
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
+
+def body_encoding(content_type_header: str | None) -> str | None:
+    """The codec for a body with this ``Content-Type`` header: ``JSON`` for JSON and any
+    ``+json`` type, ``MSGPACK`` for msgpack's names or no type at all, ``None`` for anything else
+    (parameters such as ``; charset=utf-8`` are ignored, case does not matter)."""
+    kind = (content_type_header or "").split(";")[0].strip().lower()
+    if kind == JSON or kind.endswith("+json"):
+        return JSON
+    if not kind or kind in MSGPACK_TYPES:
+        return MSGPACK
+    return None
+
+
 _MAX_DIMS = 4
 
 

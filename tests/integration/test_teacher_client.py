@@ -601,9 +601,11 @@ def test_serve_process_killed_and_restarted_under_the_sync_client(
 ):
     student, want = reference
     served = Served(teacher_dir, tmp_path)
+    # Retries enough to outlast a restart on a loaded machine: with three other CPU-heavy jobs
+    # on two cores a `serve` process took more than 80 tries (about 40 s) to come back.
     settings = TeacherClientConfig(
         urls=(served.url,), api_key="k-9", top_k=8, connect_timeout_s=2.0, timeout_s=60.0,
-        max_retries=80, backoff_base_s=0.05, backoff_max_s=0.4, replica_cooldown_s=1.0,
+        max_retries=600, backoff_base_s=0.05, backoff_max_s=0.4, replica_cooldown_s=1.0,
     )  # fmt: skip
     try:
         wait_ready(

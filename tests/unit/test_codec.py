@@ -21,6 +21,7 @@ from tokenbridge.shared.codec import (
     ALLOWED_DTYPES,
     JSON,
     MSGPACK,
+    body_encoding,
     decode_array,
     encode_array,
     narrow_ints,
@@ -480,3 +481,22 @@ def test_reasons_keep_one_line_and_never_the_traceback():
     assert one_line_reason(error) == "bad token at 3"
     assert one_line_reason(KeyError()) == "KeyError"
     assert one_line_reason(ValueError("x" * 1000), limit=40) == "x" * 40
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, MSGPACK),
+        ("", MSGPACK),
+        ("application/msgpack", MSGPACK),
+        ("Application/X-Msgpack; charset=binary", MSGPACK),
+        ("application/vnd.msgpack", MSGPACK),
+        ("application/json", JSON),
+        ("application/JSON; charset=utf-8", JSON),
+        ("application/problem+json", JSON),
+        ("text/plain", None),
+        ("application/xml", None),
+    ],
+)
+def test_the_body_encoding_is_read_from_the_content_type(header, expected):
+    assert body_encoding(header) == expected
