@@ -9,8 +9,6 @@ import pytest
 from tokenbridge.experiment import (
     ARMS,
     ExperimentConfig,
-    _compute_to_reach,
-    _mean_curve,
     before_after_table,
     plot_results,
     preset_config,
@@ -18,6 +16,7 @@ from tokenbridge.experiment import (
     summarise,
     warm_start_fit,
 )
+from tokenbridge.experiment.results import _compute_to_reach, _mean_curve
 
 
 def _points(accuracies, flops_per_step=10.0):
