@@ -27,12 +27,8 @@ from typing import Any, TypeVar
 
 from tokenbridge.service.admission import Admission
 from tokenbridge.service.config import ServiceConfig
-from tokenbridge.service.engines.base import (
-    FlopModel,
-    GenerateParams,
-    PositionScores,
-    TeacherEngine,
-)
+from tokenbridge.service.engines.base import GenerateParams, PositionScores, TeacherEngine
+from tokenbridge.service.engines.flops import FlopModel
 from tokenbridge.service.errors import (
     EngineUnavailableError,
     NotReadyError,

@@ -31,9 +31,9 @@ from tokenbridge.service.engines.base import (
     PositionScores,
     ScoreJob,
     completion_text,
-    flop_model,
     package_versions,
 )
+from tokenbridge.service.engines.flops import flop_model
 
 __all__ = ["TransformersEngine", "is_out_of_memory"]
 

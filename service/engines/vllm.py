@@ -38,9 +38,9 @@ from tokenbridge.service.engines.base import (
     PositionScores,
     ScoreJob,
     completion_text,
-    flop_model,
     package_versions,
 )
+from tokenbridge.service.engines.flops import flop_model
 from tokenbridge.service.errors import EngineUnavailableError
 
 __all__ = ["VLLMEngine"]

@@ -1,4 +1,4 @@
-"""The teacher FLOP model (``service/engines/base.py``: ``FlopModel``, ``flop_model``).
+"""The teacher FLOP model (``service/engines/flops.py``: ``FlopModel``, ``flop_model``).
 
 Matmul parameters are checked against the weights of real (tiny, random-init) transformers
 models: every ``Linear``/``Conv1D`` weight, the output head included (tied or not), embeddings
@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenbridge.service.engines.base import EngineInfo, FlopModel, flop_model
+from tokenbridge.service.engines.base import EngineInfo
+from tokenbridge.service.engines.flops import FlopModel, flop_model
 
 VOCAB = 1000
 

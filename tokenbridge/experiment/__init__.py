@@ -2,8 +2,9 @@
 
 A teacher is fitted here on worked addition (or Shakespeare, ``--task text``) over one family's
 real tokenizer (GPT-2 by default); students of another family (Mistral SentencePiece) and a
-same-tokenizer reference student are warm-started alike on a few worked examples. Then every arm trains for the same steps through the
-real service (its own process, as a user runs it) and the real client:
+same-tokenizer reference student are warm-started alike on a few worked examples. Then every arm
+trains for the same steps through the real service (its own process, as a user runs it) and the
+real client:
 
 ====================== =======================================================================
 arm                    what the student learns from
