@@ -32,6 +32,9 @@ for _extra in (REPO_ROOT / "tests", REPO_ROOT / "bench"):
     if str(_extra) not in sys.path:
         sys.path.insert(0, str(_extra))
 
+from seed_style import SeedChunk, seed_align_and_targets  # noqa: E402
+from synthetic import PrefixNeighbours, synthetic_scores  # noqa: E402
+
 from tokenbridge.demo import shakespeare_dir  # noqa: E402
 from tokenbridge.hub import load_tokenizer  # noqa: E402
 from tokenbridge.shared.align import (  # noqa: E402
@@ -44,9 +47,6 @@ from tokenbridge.shared.cache import TableCache  # noqa: E402
 from tokenbridge.shared.mapping import PairMapper  # noqa: E402
 from tokenbridge.shared.tables import PairTable, StudentTrie, build_pair_table  # noqa: E402
 from tokenbridge.shared.vocab import Vocab, build_vocab  # noqa: E402
-
-from seed_style import SeedChunk, seed_align_and_targets  # noqa: E402
-from synthetic import PrefixNeighbours, synthetic_scores  # noqa: E402
 
 #: (teacher, student) offline tokenizer names.
 PAIRS = (("qwen3.6", "llama3"), ("gpt2", "mistral-v1"))

@@ -25,8 +25,8 @@ import pytest
 from tokenbridge.cli import main as tokenbridge_main
 from tokenbridge.process import free_port, serve_process
 
-from conftest import CACHE_DIR
 from test_static import DEPLOY, KEY, compose_config, load_script, volume_mounts
+from tests.support.paths import CACHE_DIR
 
 pytestmark = pytest.mark.slow
 

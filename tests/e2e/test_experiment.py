@@ -14,7 +14,7 @@ import pytest
 
 from tokenbridge.experiment import ARMS
 
-from conftest import CACHE_DIR, REPO
+from tests.support.paths import CACHE_DIR, REPO
 
 
 def _tokenbridge(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ from tokenbridge.client.config import TrainConfig
 from tokenbridge.exactkl import StepCheck
 from tokenbridge.experiment import ExperimentConfig
 
-from conftest import CACHE_DIR
+from tests.support.paths import CACHE_DIR
 
 PAIRS = ("same", "cross")
 #: Every on-policy loss; ``sft`` learns from the teacher's samples, ``semantic_prior`` is the

@@ -17,11 +17,11 @@ import httpx
 import numpy as np
 import pytest
 
-from bench import load
 from tokenbridge.shared.codec import pack
 
-from conftest import CACHE_DIR, REPO
-from service_support import tiny_teacher
+from bench import load
+from tests.support.paths import CACHE_DIR, REPO
+from tests.support.service import tiny_teacher
 
 ROWS, K, VOCAB = 3, 4, 100
 

@@ -17,8 +17,8 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from conftest import REPO
-from service_support import serve_process, tiny_teacher
+from tests.support.paths import REPO
+from tests.support.service import serve_process, tiny_teacher
 
 MSGPACK = {"content-type": "application/msgpack", "authorization": "Bearer k-123"}
 

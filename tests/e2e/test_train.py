@@ -16,8 +16,8 @@ import torch
 from tokenbridge.client.config import LOSSES, TrainConfig
 from tokenbridge.client.train import main as train_main
 
-from conftest import CACHE_DIR, REPO
-from service_support import free_port, serve_process, tiny_teacher
+from tests.support.paths import CACHE_DIR, REPO
+from tests.support.service import free_port, serve_process, tiny_teacher
 
 
 @pytest.fixture(scope="module")

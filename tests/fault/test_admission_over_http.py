@@ -17,7 +17,7 @@ import httpx
 
 from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
 
-from service_support import serve_process, tiny_teacher
+from tests.support.service import serve_process, tiny_teacher
 
 LIMIT = 40  # max_tokens_in_flight, and max_request_tokens
 BATCH_WAIT_S = 2.0

@@ -28,7 +28,7 @@ from tokenbridge.service.batching import MicroBatcher
 from tokenbridge.service.engines.base import PositionScores, ScoreJob
 from tokenbridge.service.engines.transformers import TransformersEngine
 
-from service_support import LoopThread, config_for, free_port, offline_loader
+from tests.support.service import LoopThread, config_for, free_port, offline_loader
 
 WAIT_S = 10.0  # upper bound for anything that should happen promptly
 PROMPT = "HAMLET.\n"

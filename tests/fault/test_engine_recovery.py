@@ -20,7 +20,7 @@ import torch
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.service.engines.transformers import is_out_of_memory
 
-from service_support import (
+from tests.support.service import (
     GatedEngine,
     OutOfMemoryEngine,
     config_for,

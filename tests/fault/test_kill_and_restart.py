@@ -26,8 +26,8 @@ import torch
 from tokenbridge.client.config import TrainConfig
 from tokenbridge.client.train import main as train_main
 
-from conftest import CACHE_DIR, REPO
-from service_support import free_port, serve_process, tiny_teacher
+from tests.support.paths import CACHE_DIR, REPO
+from tests.support.service import free_port, serve_process, tiny_teacher
 
 JSON = {"accept": "application/json"}
 

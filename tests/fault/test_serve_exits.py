@@ -20,7 +20,7 @@ import pytest
 
 from tokenbridge.cli import SERVE_ENGINE_FAILED
 
-from service_support import data_segment, serve_process, tiny_teacher
+from tests.support.service import data_segment, serve_process, tiny_teacher
 
 JSON = {"accept": "application/json"}
 MARGIN = 256 << 20  # bytes the capped process may still grow by: plenty, but not 1.5 GB

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from service_support import config_for, running_app
+from tests.support.service import config_for, running_app
 
 # tests/ is on sys.path, so a bare "vllm" would find this folder: ask for a real vLLM module.
 pytest.importorskip("vllm.sampling_params")

@@ -28,7 +28,7 @@ from tokenbridge.shared.protocol import (
     ScoreRequest,
 )
 
-from fuzzkit import (
+from tests.support.fuzz import (
     FIELD_VALUES,
     FUZZ,
     JSON_VALUES,

@@ -25,8 +25,7 @@ from tokenbridge.shared.codec import JSON as JSON_TYPE
 from tokenbridge.shared.codec import pack
 from tokenbridge.shared.errors import CodecError
 
-from conftest import CACHE_DIR, REPO
-from fuzzkit import (
+from tests.support.fuzz import (
     AUTH,
     JSON,
     JSON_VALUES,
@@ -40,7 +39,8 @@ from fuzzkit import (
     send,
     started_app,
 )
-from service_support import AppHarness
+from tests.support.paths import CACHE_DIR, REPO
+from tests.support.service import AppHarness
 
 BODY_LIMIT = 4 << 20
 

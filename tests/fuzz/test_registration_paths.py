@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 
 from tokenbridge.hub import materialise
 
-from conftest import CACHE_DIR
-from fuzzkit import (
+from tests.support.fuzz import (
     AUTH,
     JSON,
     OfflineOnlyLoader,
@@ -35,7 +34,8 @@ from fuzzkit import (
     send,
     started_app,
 )
-from service_support import AppHarness
+from tests.support.paths import CACHE_DIR
+from tests.support.service import AppHarness
 
 #: What the specification calls a hub repository id.
 HUB_ID = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?")

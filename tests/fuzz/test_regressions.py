@@ -17,7 +17,7 @@ from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.errors import CodecError
 from tokenbridge.shared.protocol import GenerateRequest, Prompt
 
-from fuzzkit import (
+from tests.support.fuzz import (
     AUTH,
     JSON,
     MSGPACK,
@@ -28,7 +28,7 @@ from fuzzkit import (
     send,
     started_app,
 )
-from service_support import AppHarness
+from tests.support.service import AppHarness
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tokenbridge.shared.codec import pack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from fuzzkit import (
+from tests.support.fuzz import (
     AUTH,
     FIELD_VALUES,
     FUZZ,
@@ -43,7 +43,7 @@ from fuzzkit import (
     send,
     started_app,
 )
-from service_support import AppHarness, direct_logprobs
+from tests.support.service import AppHarness, direct_logprobs
 
 PROMPT = "HAMLET.\n"
 VOCAB = {"gpt2": 50257, "mistral-v1": 32000}

@@ -21,8 +21,15 @@ import pytest
 from tokenbridge.service.app import create_app
 from tokenbridge.shared.codec import MSGPACK, to_json_ready, unpack
 
-from fuzzkit import API_KEY, AUTH, MAX_GENERATE_TOKENS, SCALE, OfflineOnlyLoader, fuzz_config
-from service_support import direct_logprobs
+from tests.support.fuzz import (
+    API_KEY,
+    AUTH,
+    MAX_GENERATE_TOKENS,
+    SCALE,
+    OfflineOnlyLoader,
+    fuzz_config,
+)
+from tests.support.service import direct_logprobs
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402

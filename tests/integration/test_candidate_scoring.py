@@ -15,7 +15,7 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import MSGPACK, pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import config_for, direct_logprobs, running_app
+from tests.support.service import config_for, direct_logprobs, running_app
 
 TEXT = "To be, or not to be: that is the question 1601."
 

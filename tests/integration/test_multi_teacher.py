@@ -24,7 +24,7 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import (
+from tests.support.service import (
     GatedEngine,
     OutOfMemoryEngine,
     assert_matches_forward,

@@ -14,7 +14,13 @@ from tokenbridge.process import free_port
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.service.quotas import KeyQuotas
 
-from service_support import GatedEngine, config_for, running_app, serve_process, transformers_engine
+from tests.support.service import (
+    GatedEngine,
+    config_for,
+    running_app,
+    serve_process,
+    transformers_engine,
+)
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
 A = {"authorization": f"Bearer {KEY_A}", "accept": "application/json"}

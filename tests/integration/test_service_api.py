@@ -11,7 +11,7 @@ import pytest
 from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import (
+from tests.support.service import (
     GatedEngine,
     config_for,
     direct_logprobs,

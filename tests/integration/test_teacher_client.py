@@ -36,8 +36,8 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import MSGPACK, pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from conftest import CACHE_DIR, REPO
-from service_support import (
+from tests.support.paths import CACHE_DIR, REPO
+from tests.support.service import (
     config_for,
     free_port,
     running_app,

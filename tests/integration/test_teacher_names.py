@@ -17,7 +17,7 @@ from tokenbridge.service.config import ServiceConfig
 from tokenbridge.shared.codec import MSGPACK, pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import config_for, running_app, tiny_teacher
+from tests.support.service import config_for, running_app, tiny_teacher
 
 STUDENT = "mistral-v1"
 URL = "http://teachers"

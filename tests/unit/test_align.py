@@ -17,8 +17,8 @@ from tokenbridge.shared.align import (
 )
 from tokenbridge.shared.errors import AlignmentError
 
-from conftest import CROSS_PAIRS
-from texts import FIXED_SAMPLES, adversarial_text
+from tests.support.texts import FIXED_SAMPLES, adversarial_text
+from tests.support.tokenizers import CROSS_PAIRS
 
 
 def _check_alignment(bank, teacher, student, text):

@@ -15,7 +15,7 @@ from tokenbridge.service.engines import build_engine
 from tokenbridge.service.engines.base import DEVICES_LOCK
 from tokenbridge.service.engines.vllm import VLLMEngine, _visible_devices
 
-from service_support import tiny_teacher
+from tests.support.service import tiny_teacher
 
 
 @pytest.fixture

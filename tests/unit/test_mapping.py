@@ -9,9 +9,9 @@ from tokenbridge.shared.align import align, encode_continuation, teacher_view, t
 from tokenbridge.shared.errors import ScoresShapeError
 from tokenbridge.shared.mapping import TeacherScores
 
-from conftest import CROSS_PAIRS
-from synthetic import synthetic_scores
-from texts import FIXED_SAMPLES
+from tests.support.synthetic import synthetic_scores
+from tests.support.texts import FIXED_SAMPLES
+from tests.support.tokenizers import CROSS_PAIRS
 
 TEXT = " ".join(FIXED_SAMPLES) + " The quick brown fox: 1234567 😀🫠 naïve café\n\tend"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.seed_style import SeedChunk, seed_align, seed_align_and_targets, semantic_prior_targets
 from tokenbridge.shared.align import encode_continuation, teacher_view
+
+from bench.seed_style import SeedChunk, seed_align, seed_align_and_targets, semantic_prior_targets
 
 TEXT = (
     "To be, or not to be, that is the question:\n"

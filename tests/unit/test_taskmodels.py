@@ -14,7 +14,7 @@ from tokenbridge.task import split_problems, student_example
 from tokenbridge.taskmodels import FitSpec, fit_task_model
 from tokenbridge.tinymodels import TinyModelSpec
 
-from conftest import CACHE_DIR
+from tests.support.paths import CACHE_DIR
 
 SPEC = TinyModelSpec(tokenizer="mistral-v1", architecture="llama", hidden=64, heads=2, layers=1)
 

@@ -241,7 +241,7 @@ def test_completion_text_leaves_out_the_stop_token_only():
     from tokenbridge.hub import load_tokenizer
     from tokenbridge.service.engines.base import completion_text
 
-    from conftest import CACHE_DIR
+    from tests.support.paths import CACHE_DIR
 
     tokenizer = load_tokenizer("gpt2", CACHE_DIR)
     ids = tokenizer.encode("so 132.")

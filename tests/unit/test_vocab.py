@@ -10,8 +10,8 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.errors import TokenizerUnsupportedError
 from tokenbridge.shared.vocab import Vocab, build_vocab, rolling_prefix_hashes
 
-from conftest import ALL_TOKENIZERS
-from texts import FIXED_SAMPLES, adversarial_text
+from tests.support.texts import FIXED_SAMPLES, adversarial_text
+from tests.support.tokenizers import ALL_TOKENIZERS
 
 EXPECTED_SIZES = {
     "gpt2": 50_257,

@@ -24,7 +24,7 @@ from tokenbridge.cli import SERVE_ENGINE_FAILED
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import assert_matches_forward, data_segment, serve_process, tiny_teacher
+from tests.support.service import assert_matches_forward, data_segment, serve_process, tiny_teacher
 
 # tests/ is on sys.path, so a bare "vllm" would find this folder: ask for a real vLLM module.
 pytest.importorskip("vllm.sampling_params")

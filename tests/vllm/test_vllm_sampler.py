@@ -21,7 +21,7 @@ import torch
 
 from tokenbridge.client.rollout import Prompt, completion_logprobs, render_student_prompt
 
-from service_support import tiny_teacher
+from tests.support.service import tiny_teacher
 
 # ``tests/`` is on sys.path, so where vLLM is not installed ``import vllm`` finds ``tests/vllm``
 # as a namespace package; a real submodule tells the two apart.

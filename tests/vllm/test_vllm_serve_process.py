@@ -13,7 +13,7 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import serve_process, tiny_teacher
+from tests.support.service import serve_process, tiny_teacher
 
 # tests/ is on sys.path, so a bare "vllm" would find this folder: ask for a real vLLM module.
 pytest.importorskip("vllm.sampling_params")

@@ -12,7 +12,7 @@ from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.codec import pack, unpack
 from tokenbridge.shared.protocol import ScoredSequence
 
-from service_support import (
+from tests.support.service import (
     config_for,
     direct_logprobs,
     running_app,

@@ -12,7 +12,7 @@ import torch
 from tokenbridge.client.config import TrainConfig
 from tokenbridge.client.train import main as train_main
 
-from service_support import serve_process, tiny_teacher
+from tests.support.service import serve_process, tiny_teacher
 
 # tests/ is on sys.path, so a bare "vllm" would find this folder: ask for a real vLLM module.
 pytest.importorskip("vllm.sampling_params")

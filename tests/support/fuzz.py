@@ -26,8 +26,8 @@ from tokenbridge.hub import OFFLINE_TOKENIZERS, load_tokenizer
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.shared.codec import ALLOWED_DTYPES, unpack
 
-from conftest import CACHE_DIR
-from service_support import AppHarness, LoopThread, config_for, running_app
+from tests.support.paths import CACHE_DIR
+from tests.support.service import AppHarness, LoopThread, config_for, running_app
 
 API_KEY = "fuzz-key-0123456789"
 AUTH = {"authorization": f"Bearer {API_KEY}"}

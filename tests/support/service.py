@@ -25,7 +25,7 @@ from tokenbridge.service.engines.base import Generated, GenerateParams, Position
 from tokenbridge.service.engines.transformers import TransformersEngine
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
-from conftest import CACHE_DIR
+from tests.support.paths import CACHE_DIR
 
 T = TypeVar("T")
 
@@ -285,7 +285,7 @@ def serve_process(
 ) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """``tokenbridge serve ARGS --port P`` as a process, ready, with the tests' offline cache;
     yields (url, process, log path)."""
-    from conftest import REPO
+    from tests.support.paths import REPO
 
     full_env = {"TOKENBRIDGE_CACHE": str(CACHE_DIR), **(env or {})}
     with process_helpers.serve_process(
