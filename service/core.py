@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from tokenbridge.service.admission import Admission
@@ -60,6 +61,20 @@ logger = logging.getLogger("tokenbridge.service")
 
 T = TypeVar("T")
 
+
+class TeacherState(StrEnum):
+    """Where a teacher's engine is: ``starting``, then ``ready``; ``restarting`` while a failed
+    engine is brought back, ``failed`` once the restarts are spent (final); ``draining`` and
+    ``stopped`` at shutdown. The values are what ``/health`` and ``/v1/info`` report."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
 #: The longest wait between two engine restarts, however many came before.
 _MAX_RESTART_BACKOFF_S = 60.0
 
@@ -91,7 +106,7 @@ class Teacher:
         self._in_flight_gauge = metrics.tokens_in_flight.labels(name)
         self._ready_gauge.set(0)
         self._in_flight_gauge.set(0)
-        self.state = "starting"
+        self.state = TeacherState.STARTING
         self._tasks_in_flight = 0
         #: Called once when the engine failed and its restarts are spent (the service is told).
         self.on_failed: Callable[[], None] | None = None
@@ -111,7 +126,7 @@ class Teacher:
         self._stopped = False  # an app's lifespan may run again after a stop (tests do)
         await self.engine.start()
         await asyncio.to_thread(self.registry.add_teacher, self.name, self.engine.tokenizer)
-        self.state = "ready"
+        self.state = TeacherState.READY
         self._ready_gauge.set(1)
         logger.info(
             "teacher %s (%s) is ready on %s %s, started in %.1f s",
@@ -134,22 +149,22 @@ class Teacher:
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        failed = self.state == "failed"
-        self.state = "failed" if failed else "draining"
+        failed = self.state == TeacherState.FAILED
+        self.state = TeacherState.FAILED if failed else TeacherState.DRAINING
         self._ready_gauge.set(0)
         deadline = time.monotonic() + drain_timeout_s
         while self._tasks_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.engine.stop()
-        self.state = "failed" if failed else "stopped"
+        self.state = TeacherState.FAILED if failed else TeacherState.STOPPED
         logger.info("teacher %s stopped", self.name)
 
     def readiness(self) -> tuple[bool, str]:
         """Whether work is accepted now, and the state's name (``restarting`` while a failed
         engine is being brought back, ``failed`` once the service gave up on it)."""
-        if self.state == "ready" and not self.engine.healthy():
+        if self.state == TeacherState.READY and not self.engine.healthy():
             self._engine_failed("the engine is no longer healthy (it died or ran out of memory)")
-        return self.state == "ready", self.state
+        return self.state == TeacherState.READY, self.state.value
 
     # -- engine failures -----------------------------------------------------------------------
 
@@ -164,14 +179,14 @@ class Teacher:
 
     def _engine_failed(self, reason: str) -> None:
         """Turn unready at once and start bringing the engine back (in a task of its own)."""
-        if self.state != "ready":
+        if self.state != TeacherState.READY:
             return
         self._ready_gauge.set(0)
         if self._restarts_in_a_row >= self.config.engine_restarts:
-            self.state = "failed"  # no restart left: final at once
+            self.state = TeacherState.FAILED  # no restart left: final at once
             recovery = self._give_up(reason)
         else:
-            self.state = "restarting"
+            self.state = TeacherState.RESTARTING
             logger.error(
                 "teacher %s: %s; it is unready (503) while the service restarts it",
                 self.name, reason,
@@ -214,7 +229,7 @@ class Teacher:
                 continue
             self.engine_restarts += 1
             self.metrics.engine_restarts.labels(self.name).inc()
-            self.state = "ready"
+            self.state = TeacherState.READY
             self._ready_gauge.set(1)
             logger.warning(
                 "teacher %s: the engine is back after restart %d (started in %.1f s); ready again",
@@ -225,7 +240,7 @@ class Teacher:
 
     async def _give_up(self, reason: str) -> None:
         """The engine is not coming back: ``failed`` for good, and tell whoever runs us."""
-        self.state = "failed"
+        self.state = TeacherState.FAILED
         self._ready_gauge.set(0)
         limit = self.config.engine_restarts
         tried = (
@@ -248,8 +263,8 @@ class Teacher:
         if not ready:
             raise NotReadyError(
                 f"teacher {self.name!r} is {state}"
-                + ("; the service must be restarted to bring it back" if state == "failed" else
-                   "; retry shortly")
+                + ("; the service must be restarted to bring it back"
+                   if state == TeacherState.FAILED else "; retry shortly")
             )  # fmt: skip
 
     # -- description ---------------------------------------------------------------------------
@@ -280,8 +295,8 @@ class Teacher:
         vocab = self.registry.teacher_vocab(self.name)
         return {
             "name": self.name,
-            "state": self.state,
-            "ready": self.state == "ready",
+            "state": self.state.value,
+            "ready": self.state == TeacherState.READY,
             "model": engine.model,
             "revision": engine.revision,
             "backend": engine.backend,
@@ -427,7 +442,7 @@ class Teacher:
                     f"the engine of teacher {self.name!r} failed (out of memory or died); "
                     + (
                         "the service gave up on it and must be restarted"
-                        if self.state == "failed"
+                        if self.state == TeacherState.FAILED
                         else "the service is restarting it: retry shortly"
                     )
                 ) from error
@@ -604,7 +619,7 @@ class TeacherService:
         logger.info("stopped")
 
     def _teacher_failed(self) -> None:
-        if all(t.state == "failed" for t in self.teachers.values()):
+        if all(t.state == TeacherState.FAILED for t in self.teachers.values()):
             logger.critical("every teacher has failed; the service gives up")
             if self.on_failed is not None:
                 self.on_failed()
