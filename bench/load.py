@@ -95,7 +95,7 @@ from tokenbridge.process import serve_process
 from tokenbridge.shared.align import encode_continuation
 from tokenbridge.shared.cache import TableCache
 from tokenbridge.shared.codec import MSGPACK, pack, unpack
-from tokenbridge.shared.protocol import ScoredSequence
+from tokenbridge.shared.protocol import ScoredSequence, retry_after_seconds
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -304,14 +304,6 @@ def _validate(
     return positions, int(usage.get("teacher_tokens", 0)), unscored
 
 
-def _retry_after_s(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds; ``None`` when absent or not a number of seconds."""
-    try:
-        return max(0.0, float(response.headers["retry-after"]))
-    except (KeyError, ValueError):
-        return None
-
-
 async def _score_once(
     http: httpx.AsyncClient,
     student: Student,
@@ -342,7 +334,7 @@ async def _score_once(
             if refused > retries.max_retries:
                 tally.errors["retries_exhausted"] += 1
                 return
-            retry_after = _retry_after_s(response)
+            retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
             tally.missing_retry_after += retry_after is None
             if retry_after is not None:
                 tally.retry_after_s.append(retry_after)

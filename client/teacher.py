@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import logging
 import os
 import random
@@ -52,6 +51,7 @@ from tokenbridge.shared.protocol import (
     GenerateRequest,
     RegisterTokenizerRequest,
     ScoredSequence,
+    retry_after_seconds,
 )
 
 __all__ = [
@@ -429,21 +429,6 @@ class _Retryable:
     """An attempt that failed in a way worth retrying; ``reason`` is for the final error."""
 
     reason: str
-
-
-def _retry_after_s(value: str | None, now_wall: float) -> float | None:
-    """``Retry-After`` as seconds: a number of seconds or an HTTP date; ``None`` if absent/bad."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now_wall)
 
 
 def _ids_array(value: Any, where: str) -> np.ndarray:
@@ -1188,7 +1173,7 @@ class TeacherClient:
             return self._decode(response, replica, path)
         code, message = self._error_of(response)
         if status in (429, 503):
-            retry_after = _retry_after_s(response.headers.get("retry-after"), time.time())
+            retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
             if retry_after is not None:
                 replica.not_before = max(replica.not_before, self._clock() + retry_after)
             after = f"; Retry-After {retry_after:g} s" if retry_after is not None else ""

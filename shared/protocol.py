@@ -11,6 +11,7 @@ given the prompt and completion tokens ``0..j-1``. Log-probs are the teacher's a
 
 from __future__ import annotations
 
+import email.utils
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -39,6 +40,7 @@ __all__ = [
     "ScoreRequest",
     "ScoreSequence",
     "ScoredSequence",
+    "retry_after_seconds",
 ]
 
 API_VERSION = "v1"
@@ -53,6 +55,23 @@ MAX_CANDIDATES = 64
 #: The name of a teacher given without one (``--teacher PATH``), and what a client calls the
 #: teacher of a service that names none.
 DEFAULT_TEACHER = "default"
+
+
+def retry_after_seconds(value: str | None, now_wall: float) -> float | None:
+    """A ``Retry-After`` header (on the service's 429 and 503) as seconds from ``now_wall`` (a
+    Unix time): a number of seconds or an HTTP date, as RFC 9110 allows; ``None`` if absent or
+    unreadable, never negative."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now_wall)
 
 
 def _teacher_field() -> Any:

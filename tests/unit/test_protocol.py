@@ -7,6 +7,7 @@ reads the same numbers from a msgpack body (typed arrays) and from a JSON body (
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -373,3 +374,20 @@ def test_integer_arrays_travel_narrow_and_are_read_back_wide():
     scored = ScoredSequence.from_wire(body, 2)
     assert scored.topk_ids_SK.dtype == np.int64
     assert scored.topk_ids_SK.tolist() == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    from datetime import datetime
+    from email.utils import format_datetime
+
+    from tokenbridge.shared.protocol import retry_after_seconds
+
+    now = 1_800_000_000.0
+    assert retry_after_seconds("2", now) == 2.0
+    assert retry_after_seconds("-3", now) == 0.0
+    assert retry_after_seconds(None, now) is None
+    assert retry_after_seconds("soon", now) is None
+    in_five = format_datetime(datetime.fromtimestamp(now + 5, tz=UTC), usegmt=True)
+    assert retry_after_seconds(in_five, now) == 5.0
+    past = format_datetime(datetime.fromtimestamp(now - 60, tz=UTC), usegmt=True)
+    assert retry_after_seconds(past, now) == 0.0
