@@ -7,6 +7,13 @@ answers a generic message).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from tokenbridge.shared.errors import one_line_reason
+
 __all__ = [
     "BadRequestError",
     "DeadlineExceededError",
@@ -22,6 +29,7 @@ __all__ = [
     "UnknownTeacherError",
     "UnprocessableError",
     "UnsupportedMediaTypeError",
+    "tokenizer_failures_are_unprocessable",
 ]
 
 
@@ -146,3 +154,34 @@ class DeadlineExceededError(ServiceError):
 
     status = 504
     code = "deadline_exceeded"
+
+
+#: What is never a tokenizer's failure, however it arrives: the interpreter's own exits, a task's
+#: cancellation, and running out of memory.
+_NEVER_THE_TOKENIZERS = (
+    asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def tokenizer_failures_are_unprocessable(
+    what: str, log: logging.Logger | None = None
+) -> Iterator[None]:
+    """Inside, whatever a tokenizer raises is the request's fault: ``UnprocessableError`` (422)
+    saying ``what`` and the first line of the reason (``log`` gets the whole traceback).
+
+    ``BaseException``, not ``Exception``: the Rust ``tokenizers`` library reports a panic as
+    ``pyo3_runtime.PanicException``, which derives from ``BaseException``, and a strange input or
+    an uploaded tokenizer must not take a worker down. Errors the service raised on purpose pass
+    through, and so does ``_NEVER_THE_TOKENIZERS``.
+    """
+    try:
+        yield
+    except ServiceError:
+        raise
+    except BaseException as error:
+        if isinstance(error, _NEVER_THE_TOKENIZERS):
+            raise
+        if log is not None:
+            log.warning("%s", what, exc_info=True)
+        raise UnprocessableError(f"{what}: {one_line_reason(error)}") from None

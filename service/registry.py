@@ -24,7 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from tokenbridge.service.errors import NotFoundError, UnprocessableError
+from tokenbridge.service.errors import (
+    NotFoundError,
+    UnprocessableError,
+    tokenizer_failures_are_unprocessable,
+)
 from tokenbridge.shared.align import align, encode_continuation, teacher_view, token_widths
 from tokenbridge.shared.cache import TableCache, tokenizer_fingerprint
 from tokenbridge.shared.errors import TokenbridgeError, one_line_reason
@@ -302,7 +306,7 @@ class StudentRegistry:
     # -- internals -----------------------------------------------------------------------------
 
     def _load_requested(self, request: RegisterTokenizerRequest) -> tuple[Any, dict[str, str]]:
-        try:
+        with tokenizer_failures_are_unprocessable("cannot load the tokenizer"):
             if request.tokenizer_json is not None:
                 tokenizer = self._from_json(request)
                 source = {"kind": "tokenizer_json"}
@@ -319,15 +323,6 @@ class StudentRegistry:
                 assert request.hub is not None
                 tokenizer = self._loader(check_hub_name(request.hub))
                 source = {"kind": "hub", "hub": request.hub}
-        except UnprocessableError:
-            raise
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):
-            raise
-        except BaseException as error:
-            # BaseException: the Rust tokenizers library reports its panics as PanicException,
-            # which does not derive from Exception; a hostile upload must not take a worker down.
-            reason = one_line_reason(error)
-            raise UnprocessableError(f"cannot load the tokenizer: {reason}") from None
         if not getattr(tokenizer, "is_fast", False):
             raise UnprocessableError("the tokenizer has no fast (Rust) implementation")
         if request.chat_template is not None:
@@ -355,22 +350,13 @@ class StudentRegistry:
         """``_entry`` for a new registration and its pairing with every teacher: whatever a
         strange tokenizer makes the vocabulary or table code raise is the registration's fault
         (422), logged in full for the operator."""
-        try:
+        with tokenizer_failures_are_unprocessable(f"tokenizer {name!r} cannot be mapped", logger):
             entry = self._entry(student_id, tokenizer, name, source, time.time())
             pairings = tuple(
                 self._pair(teacher, tokenizer, entry.vocab, name)
                 for teacher in list(self._teachers)
             )
             return entry, pairings
-        except UnprocessableError:
-            raise
-        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
-            raise
-        except BaseException as error:  # PanicException from the Rust tokenizers library too
-            logger.warning("registration %r could not be mapped", name, exc_info=True)
-            raise UnprocessableError(
-                f"tokenizer {name!r} cannot be mapped: {one_line_reason(error)}"
-            ) from None
 
     def _entry(
         self, student_id: str, tokenizer: Any, name: str, source: dict[str, str], created: float

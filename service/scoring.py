@@ -10,7 +10,6 @@ unscored.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,11 @@ from typing import Any
 import numpy as np
 
 from tokenbridge.service.engines.base import PositionScores, ScoreJob
-from tokenbridge.service.errors import PayloadTooLargeError, UnprocessableError
+from tokenbridge.service.errors import (
+    PayloadTooLargeError,
+    UnprocessableError,
+    tokenizer_failures_are_unprocessable,
+)
 from tokenbridge.service.registry import Pairing, StudentEntry
 from tokenbridge.shared.align import (
     GAP_ID,
@@ -112,21 +115,9 @@ def _short(number: int) -> str:
 
 
 def _tokenizer_call(what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``call(*args, **kwargs)`` on a tokenizer; what it refuses is the request's fault (422).
-
-    The Rust ``tokenizers`` library reports a panic as ``pyo3_runtime.PanicException``, which
-    derives from ``BaseException``: it is caught here too, so a strange input or an uploaded
-    tokenizer cannot take a worker down.
-    """
-    try:
+    """``call(*args, **kwargs)`` on a tokenizer; what it refuses is the request's fault (422)."""
+    with tokenizer_failures_are_unprocessable(what):
         return call(*args, **kwargs)
-    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
-        raise
-    except BaseException as error:
-        if isinstance(error, asyncio.CancelledError):
-            raise
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UnprocessableError(f"{what}: {reason}") from None
 
 
 @dataclass(frozen=True)
