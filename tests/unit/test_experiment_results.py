@@ -174,3 +174,29 @@ def test_the_teacher_line_reports_its_temperature_1_accuracy_beside_greedy():
     # Older results, without the sampled accuracy, still read.
     old = results_table(summarise(cfg, _runs(), {"accuracy": 0.97}, cfg.out_dir))
     assert "97.0%" in old and "sampled" not in old.split("\n")[0]
+
+
+def test_the_learning_rate_is_chosen_on_a_measure_that_is_not_at_its_ceiling():
+    """Arithmetic rates are chosen by validation accuracy at temperature 1: greedy accuracy was
+    0.99 for a competent warm start, which left every rate tied and the smallest one chosen."""
+    from tokenbridge.experiment.run import validation_score
+
+    arithmetic = ExperimentConfig(progress=False)
+    saturated = {"val_accuracy": 1.0, "val_sampled_accuracy": 0.35}
+    better = {"val_accuracy": 1.0, "val_sampled_accuracy": 0.42}
+    assert validation_score(arithmetic, saturated) == 0.35
+    assert validation_score(arithmetic, better) > validation_score(arithmetic, saturated)
+    assert validation_score(arithmetic, {"val_accuracy": 1.0}) == -math.inf
+    text = ExperimentConfig(progress=False, task="text")
+    assert validation_score(text, {"val_bits_per_byte": 2.5}) == -2.5
+
+
+def test_runs_made_under_another_selection_measure_are_not_reused():
+    from tokenbridge.experiment.run import _run_settings
+
+    chosen = ExperimentConfig(progress=False)
+    assert _run_settings(chosen, "sft", 0, 1e-4)["selection"] == "sampled_accuracy"
+    # A fixed rate (the demo, the smoke presets) and the warm-start points keep their caches.
+    fixed = ExperimentConfig(progress=False, learning_rate=3e-4)
+    assert "selection" not in _run_settings(fixed, "sft", 0, 3e-4)
+    assert "selection" not in _run_settings(chosen, "warm-start", 0)

@@ -25,6 +25,7 @@ POINT_KEYS = (
     "eval_reverse_kl_per_byte",
     "eval_reverse_kl_per_byte_se",
     "val_accuracy",
+    "val_sampled_accuracy",
     "sampled_accuracy",
     "sampled_accuracy_se",
     "train_reverse_kl_per_token",

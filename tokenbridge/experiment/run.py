@@ -13,7 +13,13 @@ from typing import Any
 
 from tokenbridge import textcont
 from tokenbridge.client.config import DEFAULT_TEACHER_SUPPORT
-from tokenbridge.experiment.config import ARMS, HEADLINES, ExperimentConfig, ExperimentResult
+from tokenbridge.experiment.config import (
+    ARMS,
+    HEADLINES,
+    SELECTION_MEASURES,
+    ExperimentConfig,
+    ExperimentResult,
+)
 from tokenbridge.experiment.models import build_models, task_split
 from tokenbridge.experiment.results import POINT_KEYS, plot_results, results_table, summarise
 from tokenbridge.task import accuracy, bits_per_byte, parse_answer
@@ -98,6 +104,9 @@ def run_experiment(
             }
             if cfg.learning_rate is None:  # the validation accuracy chooses the learning rate
                 out["val_accuracy"] = accuracy(model, tokenizer, validation, cfg.max_new_tokens)
+                out["val_sampled_accuracy"] = accuracy(
+                    model, tokenizer, validation, cfg.max_new_tokens, temperature=1.0, seed=2
+                )
             return out
 
         runs: dict[str, dict[int, list[dict[str, float]]]] = {arm: {} for arm in cfg.arms}
@@ -133,7 +142,7 @@ def run_experiment(
             # The learning rate is chosen on the validation problems of the first seed's runs;
             # the held-out numbers of those runs play no part in the choice.
             trials = {rate: train(first, rate) for rate in rates}
-            best = max(rates, key=lambda r: (_validation_score(cfg, trials[r][-1]), -r))
+            best = max(rates, key=lambda r: (validation_score(cfg, trials[r][-1]), -r))
             chosen[arm] = best
             runs[arm][first] = [starts[kind, first], *trials[best]]
             for seed in cfg.seeds[1:]:
@@ -149,10 +158,10 @@ def run_experiment(
     return ExperimentResult(summary, results_json, table_path, plot_path)
 
 
-def _validation_score(cfg: ExperimentConfig, point: dict[str, float]) -> float:
-    """The headline measure on the validation split, higher is better (what a learning rate is
-    chosen by); ``-inf`` when the point has none."""
-    key, sign = HEADLINES[cfg.task]
+def validation_score(cfg: ExperimentConfig, point: dict[str, float]) -> float:
+    """The task's selection measure (``SELECTION_MEASURES``) on the validation split, higher is
+    better: what a learning rate is chosen by; ``-inf`` when the point has none."""
+    key, sign = SELECTION_MEASURES[cfg.task]
     value = point.get(f"val_{key}")
     return float("-inf") if value is None else sign * float(value)
 
@@ -256,6 +265,9 @@ def _run_settings(
     keep = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     for name in ("out_dir", "seeds", "arms", "progress", "learning_rate", "learning_rates"):
         keep.pop(name)
+    if rate is not None and cfg.learning_rate is None:
+        # A run made when the rate was chosen by another measure lacks this one: not reused.
+        keep["selection"] = SELECTION_MEASURES[cfg.task][0]
     return json.loads(json.dumps({"arm": arm, "seed": seed, "rate": rate, **keep}, default=str))
 
 
