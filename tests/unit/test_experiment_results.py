@@ -22,7 +22,8 @@ from tokenbridge.experiment.results import _compute_to_reach, _mean_curve
 def _points(accuracies, flops_per_step=10.0):
     return [
         {"step": i, "teacher_tokens_total": i * 3, "teacher_flops_total": i * flops_per_step,
-         "accuracy": a, "bits_per_byte": 1.0 - a / 2, "eval_reverse_kl_per_byte": 0.5 - a / 4}
+         "sampled_accuracy": a, "accuracy": min(1.0, a + 0.3), "bits_per_byte": 1.0 - a / 2,
+         "eval_reverse_kl_per_byte": 0.5 - a / 4}
         for i, a in enumerate(accuracies)
     ]  # fmt: skip
 
@@ -45,7 +46,7 @@ def test_compute_to_reach_interpolates_between_evaluations():
 
 
 def test_mean_curve_averages_seeds_point_by_point():
-    curve = _mean_curve(_runs()["sft"], "accuracy")
+    curve = _mean_curve(_runs()["sft"], "sampled_accuracy")
     assert [round(m, 6) for _, m, _ in curve] == [0.15, 0.25, 0.35, 0.45]
     assert all(s == pytest.approx(math.sqrt(0.005)) for _, _, s in curve)
     assert [f for f, _, _ in curve] == [0.0, 10.0, 20.0, 30.0]
@@ -54,7 +55,9 @@ def test_mean_curve_averages_seeds_point_by_point():
 def test_summary_states_both_claims_from_the_curves():
     cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
     summary = summarise(cfg, _runs(), {"accuracy": 0.97}, cfg.out_dir)
-    assert summary["arms"]["sft"]["accuracy"]["mean"] == pytest.approx(0.45)
+    # The claims read the accuracy at temperature 1; greedy is reported beside it.
+    assert summary["arms"]["sft"]["sampled_accuracy"]["mean"] == pytest.approx(0.45)
+    assert summary["arms"]["sft"]["accuracy"]["mean"] == pytest.approx(0.75)
     claim = summary["claims"]["opd_topk_kl"]
     # OPD's mean curve (0.15, 0.55, ...) reaches SFT's final 0.45 at 0.75 of its first interval.
     assert claim["flops_to_reach_sft_final"] == pytest.approx(7.5)
@@ -68,6 +71,11 @@ def test_summary_states_both_claims_from_the_curves():
     assert table.split("Paired")[0].count("\n| ") == 5  # header and four arms
     # Two seeds: each arm's paired differences against no distillation and SFT, with intervals.
     assert "Paired differences over seeds" in table and "95% CI" in table
+    # And each trained arm's change from its own start: SFT gained 0.3 on both seeds.
+    gain = summary["arms"]["sft"]["minus"]["start"]["sampled_accuracy"]
+    assert gain["mean"] == pytest.approx(0.3) and gain["low"] == pytest.approx(0.3)
+    assert "| SFT on teacher samples | start | sampled_accuracy | +0.300 |" in table
+    assert "start" not in summary["arms"]["none"].get("minus", {})
     demo = before_after_table(summary)
     assert "before (warm start)" in demo and "0.450" in demo
 
@@ -88,6 +96,9 @@ def test_plot_is_written(tmp_path):
         ({"eval_problems": 500}, "must not exceed held_out"),
         ({"steps": 0}, "steps must be at least 1"),
         ({"student_hidden": 48}, "multiple of 32"),
+        ({"warm_start_target": 0.0}, "warm_start_target must lie in"),
+        ({"warm_start_target": 0.4, "task": "text"}, "needs the arithmetic task"),
+        ({"warm_start_check_every": 0}, "warm_start_check_every must be at least 1"),
     ],
 )
 def test_config_rejects_bad_values_with_a_reason(overrides, reason):
@@ -99,10 +110,11 @@ def test_presets_refine_the_defaults_and_flags_win():
     smoke = preset_config("smoke", steps=3)
     assert smoke.steps == 3 and smoke.seeds == (0,)
     assert set(preset_config("full").arms) == set(ARMS)
-    # The full preset matches the two students' warm starts; the demo keeps its own.
+    # The full preset fits every warm start to one validation accuracy at temperature 1 (the
+    # steps are the longest fit); the demo keeps its fixed length.
     full, demo = preset_config("full"), preset_config("demo")
-    assert warm_start_fit(full, "cross", 0).steps == 900
-    assert warm_start_fit(full, "same", 2).steps == 1200
+    assert full.warm_start_target == 0.4 and demo.warm_start_target is None
+    assert warm_start_fit(full, "cross", 0).steps == warm_start_fit(full, "same", 2).steps == 2400
     assert warm_start_fit(full, "same", 2).seed == 2
     assert warm_start_fit(demo, "cross", 0).steps == warm_start_fit(demo, "same", 0).steps == 600
     with pytest.raises(ValueError, match="unknown preset"):
@@ -200,3 +212,14 @@ def test_runs_made_under_another_selection_measure_are_not_reused():
     fixed = ExperimentConfig(progress=False, learning_rate=3e-4)
     assert "selection" not in _run_settings(fixed, "sft", 0, 3e-4)
     assert "selection" not in _run_settings(chosen, "warm-start", 0)
+
+
+def test_the_table_lists_each_students_warm_starts():
+    runs = _runs()
+    for kind_arm, steps in (("none", 700), ("same_tokenizer_opd", 1100)):
+        for seed, points in runs[kind_arm].items():
+            points[0].update(warm_start_steps=steps + seed, warm_start_val_sampled_accuracy=0.41)
+    cfg = ExperimentConfig(seeds=(0, 1), arms=("none", "sft", "opd_topk_kl", "same_tokenizer_opd"))
+    table = results_table(summarise(cfg, runs, {"accuracy": 0.97}, cfg.out_dir))
+    assert "| cross-tokenizer | 1 | 701 | 0.410 | 0.500 | 0.200 |" in table
+    assert "| same tokenizer | 0 | 1100 | 0.410 | 0.400 | 0.100 |" in table

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenbridge.task import split_problems, student_example
-from tokenbridge.taskmodels import FitSpec, fit_task_model
+from tokenbridge.task import accuracy, split_problems, student_example
+from tokenbridge.taskmodels import FitSpec, StopRule, fit_task_model
 from tokenbridge.tinymodels import TinyModelSpec
 
 from tests.support.paths import CACHE_DIR
@@ -95,6 +95,52 @@ def test_pushing_unused_rows_down_takes_their_mass_and_leaves_the_task(fitted, t
             assert torch.equal(value[used], moved[name][used]), name
         else:
             assert torch.equal(value, moved[name]), name
+
+
+def _stop_at(target, every, problems, scores):
+    def score(model, tokenizer):
+        scores.append(accuracy(model, tokenizer, problems, max_new_tokens=12))
+        return scores[-1]
+
+    return StopRule(score, target, every, key={"test": "greedy accuracy", "target": target})
+
+
+def test_a_stop_rule_ends_the_fit_at_the_first_check_that_reaches_its_target(tmp_path):
+    train, _ = split_problems(1, 10, seed=0)
+    fit = FitSpec(steps=300, batch_size=8, learning_rate=3e-3, examples=40, unused_steps=5)
+    scores: list[float] = []
+    stop = _stop_at(0.05, 25, train[:20], scores)
+    folder = fit_task_model(SPEC, fit, train, tmp_path / "m", CACHE_DIR, False, stop=stop)
+    config = json.loads((folder / "config.json").read_text())
+    taken, kept = config["tokenbridge_fit_steps_taken"], config["tokenbridge_fit_stop_score"]
+    # Checked every 25 steps; stopped at the first score at or above the target, before the end.
+    assert taken == 25 * len(scores) < fit.steps
+    assert kept == scores[-1] >= 0.05 > max(scores[:-1], default=0.0)
+    # The saved model is the one that was scored: its greedy accuracy reads the same.
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert accuracy(model, tokenizer, train[:20], max_new_tokens=12) == kept
+    # The rule is part of what the cache matches: another target fits again.
+    assert json.loads((folder / "tokenbridge-fit.json").read_text())["stop"]["target"] == 0.05
+
+
+def test_a_stop_rule_short_of_its_target_keeps_the_longest_fit_and_says_so(tmp_path):
+    train, _ = split_problems(1, 10, seed=0)
+    fit = FitSpec(steps=30, batch_size=8, learning_rate=3e-3, examples=40)
+    scores: list[float] = []
+    folder = fit_task_model(
+        SPEC,
+        fit,
+        train,
+        tmp_path / "m",
+        CACHE_DIR,
+        False,
+        stop=_stop_at(1.01, 20, train[:8], scores),
+    )
+    config = json.loads((folder / "config.json").read_text())
+    assert len(scores) == 2  # at step 20 and at the last step, 30
+    assert config["tokenbridge_fit_steps_taken"] == 30
+    assert config["tokenbridge_fit_stop_score"] == scores[-1] < 1.01
 
 
 def test_fit_spec_rejects_bad_values():

@@ -74,11 +74,30 @@ def _paired_difference(
     """Final ``key`` of ``arm`` minus ``other``'s, paired by seed: mean, std and a 95% confidence
     interval (Student's t over the seeds); None with fewer than two shared seeds."""
     seeds = sorted(set(runs[arm]) & set(runs[other]))
-    values = [
-        float(runs[arm][s][-1][key]) - float(runs[other][s][-1][key])
-        for s in seeds
-        if key in runs[arm][s][-1] and key in runs[other][s][-1]
-    ]
+    return _interval(
+        [
+            float(runs[arm][s][-1][key]) - float(runs[other][s][-1][key])
+            for s in seeds
+            if key in runs[arm][s][-1] and key in runs[other][s][-1]
+        ]
+    )
+
+
+def _gain_from_start(per_seed: dict[int, list[dict[str, float]]], key: str) -> dict | None:
+    """Final ``key`` minus the run's own start (its warm start), paired by seed: mean, std and a
+    95% confidence interval; None with fewer than two seeds."""
+    return _interval(
+        [
+            float(points[-1][key]) - float(points[0][key])
+            for points in per_seed.values()
+            if len(points) > 1 and key in points[-1] and key in points[0]
+        ]
+    )
+
+
+def _interval(values: list[float]) -> dict[str, float] | None:
+    """Mean, std and a 95% confidence interval (Student's t) of per-seed ``values``; None with
+    fewer than two."""
     if len(values) < 2:
         return None
     mean, std = _mean_std(values)
@@ -86,6 +105,20 @@ def _paired_difference(
     quantile = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
     half = (quantile[len(values) - 2] if len(values) <= 10 else 2.0) * std / math.sqrt(len(values))
     return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "seeds": len(values)}
+
+
+#: How the claims name each headline measure.
+MEASURE_WORDS = {
+    "accuracy": "accuracy",
+    "sampled_accuracy": "accuracy at temperature 1",
+    "bits_per_byte": "bits/byte",
+}
+
+#: The measures whose paired differences (between arms, and from each run's start) are reported.
+DIFFERENCE_KEYS = (
+    "accuracy", "sampled_accuracy", "next_token_accuracy", "eval_reverse_kl_per_byte",
+    "bits_per_byte",
+)  # fmt: skip
 
 
 def summarise(
@@ -115,11 +148,23 @@ def summarise(
             entry["learning_rate"] = learning_rates[arm]
         for other in ("none", "sft"):
             if other in runs and other != arm:
-                for key in ("accuracy", "next_token_accuracy", "eval_reverse_kl_per_byte",
-                            "bits_per_byte"):  # fmt: skip
+                for key in DIFFERENCE_KEYS:
                     difference = _paired_difference(runs, arm, other, key)
                     if difference is not None:
                         entry.setdefault("minus", {}).setdefault(other, {})[key] = difference
+        if ARMS[arm].loss is not None:
+            for key in DIFFERENCE_KEYS:
+                gain = _gain_from_start(per_seed, key)
+                if gain is not None:
+                    entry.setdefault("minus", {}).setdefault("start", {})[key] = gain
+        starts = [points[0] for points in per_seed.values()]
+        if any("warm_start_steps" in p for p in starts):
+            entry["warm_starts"] = {
+                str(seed): {k: points[0][k] for k in ("warm_start_steps",
+                            "warm_start_val_sampled_accuracy", "accuracy", "sampled_accuracy")
+                            if k in points[0]}
+                for seed, points in per_seed.items()
+            }  # fmt: skip
         for key in (*POINT_KEYS, "teacher_tokens_total", "teacher_flops_total",
                     "teacher_engine_s_total"):  # fmt: skip
             values = [float(f[key]) for f in finals if key in f]
@@ -196,15 +241,17 @@ def results_table(summary: dict[str, Any]) -> str:
     lines = [
         _teacher_line(summary["teacher"]) + f". Seeds: {', '.join(map(str, seeds))}.",
         "",
-        f"| arm | lr | {'next-token accuracy' if text else 'accuracy'} "
-        f"| bits/byte ({'real text' if text else 'teacher text'}) | reverse KL/byte "
+        f"| arm | lr | {'next-token accuracy' if text else 'accuracy (greedy)'} "
+        + ("" if text else "| accuracy (temperature 1) ")
+        + f"| bits/byte ({'real text' if text else 'teacher text'}) | reverse KL/byte "
         "| teacher tokens | teacher GFLOPs | teacher engine s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|" + ("" if text else "---|") + "---|---|---|---|---|",
     ]
     for entry in summary["arms"].values():
         rate = f"{entry['learning_rate']:g}" if "learning_rate" in entry else "–"
+        sampled = "" if text else f"| {_cell(entry, 'sampled_accuracy')} "
         lines.append(
-            f"| {entry['label']} | {rate} | {_cell(entry, accuracy_key)} "
+            f"| {entry['label']} | {rate} | {_cell(entry, accuracy_key)} {sampled}"
             f"| {_cell(entry, 'bits_per_byte')} | {_cell(entry, 'eval_reverse_kl_per_byte')} "
             f"| {_cell(entry, 'teacher_tokens_total', digits=0)} "
             f"| {_cell(entry, 'teacher_flops_total', 1e-9, 2)} "
@@ -219,7 +266,8 @@ def results_table(summary: dict[str, Any]) -> str:
     ]
     if differences:
         lines += [
-            "Paired differences over seeds (arm minus reference; 95% confidence interval):",
+            "Paired differences over seeds (arm minus reference, or minus the run's own start; "
+            "95% confidence interval):",
             "",
             "| arm | minus | measure | mean | 95% CI |",
             "|---|---|---|---|---|",
@@ -230,9 +278,33 @@ def results_table(summary: dict[str, Any]) -> str:
             for label, other, key, value in differences
         ]
         lines.append("")
+    # One arm per student holds its warm starts (every arm of a student shares them).
+    first_arm = {ARMS[name].student: name for name in reversed(summary["arms"])}
+    starts = [
+        (kind, seed, start)
+        for kind, name in sorted(first_arm.items())
+        for seed, start in summary["arms"][name].get("warm_starts", {}).items()
+    ]
+    if starts:
+        lines += [
+            "Warm starts (each fitted until its validation accuracy at temperature 1 reached "
+            "the target):",
+            "",
+            "| student | seed | steps | validation, T=1 | held-out greedy | held-out T=1 |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {'same tokenizer' if kind == 'same' else 'cross-tokenizer'} | {seed} "
+            f"| {start.get('warm_start_steps', '–')} "
+            f"| {start.get('warm_start_val_sampled_accuracy', math.nan):.3f} "
+            f"| {start.get('accuracy', math.nan):.3f} "
+            f"| {start.get('sampled_accuracy', math.nan):.3f} |"
+            for kind, seed, start in starts
+        ]
+        lines.append("")
     for arm, claim in summary["claims"].items():
         label = summary["arms"][arm]["label"]
-        measure = "accuracy" if claim.get("measure", "accuracy") == "accuracy" else "bits/byte"
+        measure = MEASURE_WORDS.get(claim.get("measure", "accuracy"), "accuracy")
         if "compute_share_of_sft" in claim:
             share, target = claim["compute_share_of_sft"], claim["sft_final"]
             if not claim["sft_improved"]:

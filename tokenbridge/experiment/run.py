@@ -20,7 +20,7 @@ from tokenbridge.experiment.config import (
     ExperimentConfig,
     ExperimentResult,
 )
-from tokenbridge.experiment.models import build_models, task_split
+from tokenbridge.experiment.models import build_models, task_split, warm_start_reached
 from tokenbridge.experiment.results import POINT_KEYS, plot_results, results_table, summarise
 from tokenbridge.task import accuracy, bits_per_byte, parse_answer
 
@@ -41,7 +41,7 @@ def run_experiment(
     kl_prompts = [p.prompt for p in held_out[: cfg.kl_eval_prompts]]
 
     kinds = sorted({ARMS[a].student for a in cfg.arms})
-    teacher_dir, warm = build_models(cfg, cache_dir, train_problems, kinds, log)
+    teacher_dir, warm = build_models(cfg, cache_dir, train_problems, kinds, log, validation)
 
     prompts_path = out_dir / "prompts.jsonl"
     # The trainer holds out its first ``eval_prompts`` lines: the reverse-KL prompts come first.
@@ -74,17 +74,19 @@ def run_experiment(
             )
         teacher_texts = teacher.pop("texts", None)
 
-        def text_metrics(model: Any, tokenizer: Any) -> dict[str, float]:
+        def text_metrics(model: Any, tokenizer: Any, validate: bool) -> dict[str, float]:
             out = textcont.text_quality(model, tokenizer, eval_set)
-            if cfg.learning_rate is None:  # validation bits per byte choose the learning rate
+            if validate:  # validation bits per byte choose the learning rate
                 out["val_bits_per_byte"] = textcont.text_quality(model, tokenizer, validation)[
                     "bits_per_byte"
                 ]
             return out
 
-        def task_metrics(model: Any, tokenizer: Any) -> dict[str, float]:
+        def task_metrics(model: Any, tokenizer: Any, validate: bool = False) -> dict[str, float]:
+            """The held-out measures; with ``validate`` the validation ones too (only the
+            learning-rate trials' last points need them)."""
             if cfg.task == "text":
-                return text_metrics(model, tokenizer)
+                return text_metrics(model, tokenizer, validate)
             right = accuracy(model, tokenizer, eval_set, cfg.max_new_tokens)
             bits, bits_se = bits_per_byte(
                 model, tokenizer, [p.prompt for p in eval_set], teacher_texts, with_error=True
@@ -102,7 +104,7 @@ def run_experiment(
                 "bits_per_byte": bits,
                 "bits_per_byte_se": bits_se,
             }
-            if cfg.learning_rate is None:  # the validation accuracy chooses the learning rate
+            if validate:  # the validation accuracy chooses the learning rate
                 out["val_accuracy"] = accuracy(model, tokenizer, validation, cfg.max_new_tokens)
                 out["val_sampled_accuracy"] = accuracy(
                     model, tokenizer, validation, cfg.max_new_tokens, temperature=1.0, seed=2
@@ -131,22 +133,25 @@ def run_experiment(
                 continue
             first = cfg.seeds[0]
 
-            def train(seed: int, rate: float, arm: str = arm, kind: str = kind) -> list[Any]:
+            def train(
+                seed: int, rate: float, trial: bool, arm: str = arm, kind: str = kind
+            ) -> list[Any]:
                 nonlocal done
                 done += 1
                 log(f"[{done}/{total}] {arm}, seed {seed}, learning rate {rate:g}")
                 return _train_arm(
-                    cfg, arm, seed, warm[kind, seed], url, prompts_path, task_metrics, rate
-                )
+                    cfg, arm, seed, warm[kind, seed], url, prompts_path, task_metrics, rate,
+                    validate_last=trial,
+                )  # fmt: skip
 
-            # The learning rate is chosen on the validation problems of the first seed's runs;
-            # the held-out numbers of those runs play no part in the choice.
-            trials = {rate: train(first, rate) for rate in rates}
+            # The learning rate is chosen on the validation problems of the first seed's runs
+            # (their last points); the held-out numbers of those runs play no part in the choice.
+            trials = {rate: train(first, rate, len(rates) > 1) for rate in rates}
             best = max(rates, key=lambda r: (validation_score(cfg, trials[r][-1]), -r))
             chosen[arm] = best
             runs[arm][first] = [starts[kind, first], *trials[best]]
             for seed in cfg.seeds[1:]:
-                runs[arm][seed] = [starts[kind, seed], *train(seed, best)]
+                runs[arm][seed] = [starts[kind, seed], *train(seed, best, False)]
 
     summary = summarise(cfg, runs, teacher, teacher_dir, chosen)
     results_json = out_dir / "results.json"
@@ -244,11 +249,17 @@ def _start_point(
         TeacherClientConfig(urls=(url,), top_k=cfg.top_k), student_tokenizer=tokenizer
     ) as client:
         kl = evaluate_reverse_kl(model, tokenizer, client, kl_prompts, cfg.max_new_tokens, seed)
+    taken, stop_score = warm_start_reached(model_dir)
     point = {
         "step": 0,
         "teacher_tokens_total": 0,
         "teacher_flops_total": 0,
         "teacher_engine_s_total": 0.0,
+        **(
+            {"warm_start_steps": taken, "warm_start_val_sampled_accuracy": stop_score}
+            if taken
+            else {}
+        ),
         **task_metrics(model, tokenizer),
         "eval_reverse_kl_per_byte": kl["eval_reverse_kl_per_byte"],
         "eval_reverse_kl_per_byte_se": kl["eval_reverse_kl_per_byte_se"],
@@ -278,12 +289,14 @@ def _train_arm(
     student_dir: Path,
     url: str,
     prompts_path: Path,
-    task_metrics: Callable[[Any, Any], dict[str, float]],
+    task_metrics: Callable[..., dict[str, float]],
     rate: float,
+    validate_last: bool = False,
 ) -> list[dict[str, float]]:
     """Train one arm for one seed at learning rate ``rate`` through the service; its evaluation
     points, each with the training batches' sampled reverse KL per token averaged over the steps
-    since the previous point (one batch is too noisy to read)."""
+    since the previous point (one batch is too noisy to read), the last one also with the
+    validation measures when ``validate_last``."""
     from tokenbridge.client.config import TrainConfig
     from tokenbridge.client.train import METRICS, main
 
@@ -303,7 +316,16 @@ def _train_arm(
         learning_rate=rate, warmup_steps=cfg.warmup_steps, seed=seed, out_dir=run_dir,
         checkpoint_every=cfg.steps, eval_every=cfg.eval_every, progress=cfg.progress,
     )  # fmt: skip
-    main(train_cfg, extra_eval=task_metrics)
+    # The trainer evaluates every ``eval_every`` steps and at the last: the last call validates.
+    evaluations = cfg.steps // cfg.eval_every + (cfg.steps % cfg.eval_every != 0)
+    calls = 0
+
+    def metrics(model: Any, tokenizer: Any) -> dict[str, float]:
+        nonlocal calls
+        calls += 1
+        return task_metrics(model, tokenizer, validate=validate_last and calls == evaluations)
+
+    main(train_cfg, extra_eval=metrics)
     points = []
     block: list[float] = []
     for line in (run_dir / METRICS).read_text().splitlines():
