@@ -41,12 +41,14 @@ LOSSES = (
 #: samples per prompt, else ``position``.
 BASELINES = ("auto", "none", "group", "position")
 #: The learning rate each loss gets when ``learning_rate`` is not given, chosen from measurements
-#: (``bench/learning.py``; README, "Defaults that teach"): the largest rate of {1e-4, 3e-4} whose
-#: 20 steps lowered the exact reverse KL on validation for both an identical and a cross-family
-#: pair. The sampled-token ``reverse_kl`` raised it at both rates there: its 1e-4 keeps the damage
-#: smallest. ``semantic_prior`` and ``sft`` were not measured: the rates of their neighbours.
-#: The teacher's own top ids the default loss adds to the student's candidates (README, "Acceptance
-#: run"): a service that starts its own teacher for training asks at least this ``max_top_k``.
+#: (``bench/learning.py``; docs/trainer.md, "Defaults that teach"): the largest rate of {1e-4, 3e-4}
+#: whose 20 steps lowered the exact reverse KL on validation for both an identical and a
+#: cross-family pair. The sampled-token ``reverse_kl`` raised it at both rates there: its 1e-4 keeps
+#: the damage smallest. ``semantic_prior`` and ``sft`` were not measured: the rates of their
+#: neighbours.
+#: The teacher's own top ids the default loss adds to the student's candidates (docs/trainer.md,
+#: "Acceptance run"): a service that starts its own teacher for training asks at least this
+#: ``max_top_k``.
 DEFAULT_TEACHER_SUPPORT = 64
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "candidate_reverse_kl": 3e-4,
@@ -96,7 +98,7 @@ class TrainConfig:
             "help": "candidate_reverse_kl: also charge the divergence inside the rest (the "
             "batch's sampled tokens outside the candidates, against the teacher's log-probs) to "
             "the student's rest mass, so that a broad student cannot hide mass there "
-            "(docs/mapping.md §4b); off by default, see the README's acceptance run"
+            "(docs/mapping.md §4b); off by default, see docs/trainer.md, acceptance run"
         },
     )
     samples_per_prompt: int = field(

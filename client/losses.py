@@ -533,7 +533,7 @@ def candidate_reverse_kl_loss(
     already exact in ``D_j``, and ``log(q_rest / p_rest)`` serves as the baseline). Where the
     sampled token is a candidate, or the teacher gave it no finite log-prob, ``R_j = 0``. It is
     one draw per position, so it adds variance: the trainer uses it only with
-    ``--rest-divergence`` (the README's acceptance run says what it did).
+    ``--rest-divergence`` (docs/trainer.md's acceptance run says what it did).
 
     ``loss = Σ_valid (D_j + R_j) / #valid``; valid = ``mask`` with at least one finite candidate
     and no NaN among the candidates' teacher log-probs. Metrics: ``valid_tokens``,

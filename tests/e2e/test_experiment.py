@@ -61,7 +61,8 @@ def test_reduced_experiment_runs_every_arm_with_finite_improving_metrics(smoke):
                for p in opd_kl.values()), opd_kl  # fmt: skip
     teacher = results["summary"]["teacher"]
     assert 0.5 <= teacher["accuracy"] <= 1.0
-    # Reported beside greedy: distillation teaches the whole distribution (README, "Models").
+    # Reported beside greedy: distillation teaches the whole distribution (docs/experiment.md,
+    # "Models").
     assert 0.0 <= teacher["sampled_accuracy"] <= 1.0
     table = (out / "results.md").read_text()
     assert table.split("Paired")[0].count("\n| ") == 1 + len(ARMS)

@@ -29,7 +29,7 @@ VALIDATION_PROMPTS = 32
 #: The teacher these cases were measured on (half its examples corrupted). On the default
 #: teacher (0.2) one step of the cross-family candidate loss moved the exact reverse KL by
 #: +0.0011, -0.0021 and -0.0011 for seeds 0, 1 and 2 (from 0.5283): one step's sign is the prompts
-#: drawn, and seed 0's draw goes the wrong way there (README, "Defaults that teach"). The
+#: drawn, and seed 0's draw goes the wrong way there (docs/trainer.md, "Defaults that teach"). The
 #: twenty-step check passed on both pairs there.
 TEACHER_CORRUPT = 0.5
 
@@ -57,7 +57,8 @@ def before(check, targets):
 
 #: A measured failure, kept visible: on the cross-family pair one step of the sampled estimator
 #: raises the exact reverse KL at its default rate, for seeds 0 and 1 alike (+0.00016, +0.00017;
-#: README, "Defaults that teach"). Its §3 values inside a teacher token are top-K lower bounds.
+#: docs/trainer.md, "Defaults that teach"). Its §3 values inside a teacher token are top-K lower
+#: bounds.
 KNOWN_FAILURES = {("cross", "reverse_kl"): "the sampled estimator raises the cross-family KL"}
 #: Not checked: one step of the forward KL moves the cross-family *reverse* KL by less than the
 #: measure resolves (+0.00003 and -0.00013 for seeds 0 and 1); it optimises another divergence.
@@ -82,7 +83,7 @@ def test_one_step_of_each_loss_at_its_default_lowers_the_exact_reverse_kl(
     check, targets, before, pair, loss
 ):
     # 64 prompts: a step small enough to help moves the measure by about 0.1%, and a batch of 16
-    # decides its sign by which prompts it drew (bench/learning.py, README).
+    # decides its sign by which prompts it drew (bench/learning.py, docs/trainer.md).
     model = check.train(pair, loss=loss, steps=1, batch_size=64)
     after = check.exact(pair, model, targets[pair])
     assert after < before[pair], (pair, loss, before[pair], after)

@@ -46,7 +46,8 @@ HEADLINES: dict[str, tuple[str, float]] = {
 #: and its direction. On arithmetic it is the accuracy at temperature 1, not greedy: in the full
 #: run of 2026-12-03 seed 0's warm start was already right 0.99 of the time greedily on the
 #: validation problems, every arm's choice fell to the smallest rate on the grid, and 60 steps
-#: there moved little (README, "Results"). Sampled at temperature 1 it was right 0.35 of the time.
+#: there moved little (docs/experiment.md, "Results"). Sampled at temperature 1 it was right 0.35
+#: of the time.
 SELECTION_MEASURES: dict[str, tuple[str, float]] = {
     "arithmetic": ("sampled_accuracy", 1.0),
     "text": ("bits_per_byte", -1.0),
@@ -87,7 +88,7 @@ class ExperimentConfig:
     # fix the answer, and its temperature-1 answers scatter (0.69 right on the validation
     # problems, against 0.94 at 0.2); distilling that spread taught the student off-by-one
     # sums. At 0.2 it still finds the right answer after a planted error 0.665 of the time
-    # (0.155 with no corruption). Chosen on the validation problems (README, "Models").
+    # (0.155 with no corruption). Chosen on the validation problems (docs/experiment.md, "Models").
     teacher_corrupt: float = field(
         default=0.2,
         metadata={
@@ -183,9 +184,9 @@ class ExperimentConfig:
         object.__setattr__(self, "learning_rates", tuple(self.learning_rates))
 
 
-#: Named sizes: ``full`` (the README's numbers; hours here), ``text`` (the same on the text task),
-#: ``smoke`` and ``text-smoke`` (CI: minutes, the pipeline end to end) and ``demo`` (``make
-#: demo``: one seed, the default loss against none).
+#: Named sizes: ``full`` (the numbers of docs/experiment.md; hours here), ``text`` (the same on the
+#: text task), ``smoke`` and ``text-smoke`` (CI: minutes, the pipeline end to end) and ``demo``
+#: (``make demo``: one seed, the default loss against none).
 PRESETS: dict[str, dict[str, Any]] = {
     # Every warm start (each seed, both students) fitted until it is right 0.4 of the time at
     # temperature 1 on the validation problems. Fixed lengths (900 and 1,200 steps, matched on
