@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokenbridge.client.train import _teacher_rollout
+from tokenbridge.client.step import teacher_rollout
 from tokenbridge.shared.vocab import build_vocab
 
 
@@ -20,7 +20,7 @@ def test_teacher_text_becomes_student_tokens_byte_for_byte(bank, name):
             SimpleNamespace(text=" half", finish_reason="length"),
         ]
     )
-    rollout = _teacher_rollout(tokenizer, vocab, ["47+85=", "go"], answer)
+    rollout = teacher_rollout(tokenizer, vocab, ["47+85=", "go"], answer)
     stopped, cut = rollout.completion_ids
     # A plain encode() of " 7+5..." would give SentencePiece's "▁▁7": two spaces, not one.
     assert vocab.bytes_of(stopped[:-1]) == b" 7+5=12, so 132."

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tokenbridge.client.config import TrainConfig
 from tokenbridge.client.errors import TeacherConfigError, TeacherRequestError, UnknownTeacherError
+from tokenbridge.client.fanout import groups_of, merge_answers
 from tokenbridge.client.routing import TeacherRouter, check_teacher_name
 from tokenbridge.client.teacher import (
     Completion,
@@ -25,8 +26,6 @@ from tokenbridge.client.teacher import (
 )
 from tokenbridge.client.train import (
     PromptStream,
-    _groups,
-    _merge,
     load_prompts,
     load_routed_prompts,
     take_routed_batch,
@@ -243,16 +242,16 @@ def test_ranks_split_a_step_and_route_it_like_one_rank():
 
 def test_each_teachers_answers_go_back_to_their_prompts_batch_positions():
     routes = ["b", "a", "b", "c", "a"]
-    groups = _groups(routes)
+    groups = groups_of(routes)
     assert groups == {"b": [0, 2], "a": [1, 4], "c": [3]}  # in order of first appearance
 
     def scored(name):
-        # Stand-ins for ScoredSequence: _merge only moves them.
+        # Stand-ins for ScoredSequence: merge_answers only moves them.
         rows = [f"{name}{i}" for i in groups[name]]
         usage = {"teacher_prompt_tokens": len(rows), "positions": 10}
         return ScoreResult(rows, 4, usage, {}, {"name": name}, 1, 0.0)
 
-    merged = _merge(groups, {name: scored(name) for name in groups}, len(routes))
+    merged = merge_answers(groups, {name: scored(name) for name in groups}, len(routes))
     assert merged.sequences == ["b0", "a1", "b2", "c3", "a4"] and merged.completions == []
     assert merged.usage == {"teacher_prompt_tokens": 5, "positions": 30}
     assert merged.parts["c"].sequences == ["c3"]
@@ -261,7 +260,7 @@ def test_each_teachers_answers_go_back_to_their_prompts_batch_positions():
                              {"teacher_completion_tokens": 2}, {}, 1, 0.0)
         for name, indexes in groups.items()
     }  # fmt: skip
-    merged = _merge(groups, samples, len(routes))
+    merged = merge_answers(groups, samples, len(routes))
     assert [c.text for c in merged.completions] == ["b0", "a1", "b2", "c3", "a4"]
     assert merged.sequences == [] and merged.usage == {"teacher_completion_tokens": 6}
 

@@ -1,0 +1,180 @@
+"""One step's loss: the configured distillation loss of a scored rollout (or SFT's likelihood of
+teacher-written completions), built from the teacher's padded signals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenbridge.client import losses
+from tokenbridge.client.config import TrainConfig
+from tokenbridge.client.errors import TeacherProtocolError
+from tokenbridge.client.rollout import (
+    Prompt,
+    Rollout,
+    completion_logprobs,
+    render_student_prompt,
+)
+from tokenbridge.shared.align import encode_continuation
+from tokenbridge.shared.errors import AlignmentError
+from tokenbridge.shared.protocol import ScoredSequence
+from tokenbridge.shared.vocab import Vocab
+
+
+def _padded(values: list[np.ndarray], width: int, fill: float, dtype: Any) -> torch.Tensor:
+    out = np.full((len(values), width, *values[0].shape[1:]) if values else (0, width), fill)
+    for b, row in enumerate(values):
+        out[b, : len(row)] = row
+    return torch.as_tensor(out, dtype=dtype)
+
+
+def _sampled_rest(
+    rollout: Rollout, width: int, teacher_BT: torch.Tensor, old_BT: torch.Tensor
+) -> dict[str, Any]:
+    """The sampled tokens, the teacher's and the sampling policy's log-probs of them, for the
+    candidate loss's rest term."""
+    sampled_BT = _padded(
+        [np.asarray(ids, dtype=np.int64) for ids in rollout.completion_ids], width, -1, torch.long
+    )
+    return {
+        "sampled_ids_BT": sampled_BT.to(teacher_BT.device),
+        "teacher_sampled_logprobs_BT": teacher_BT,
+        "old_logprobs_BT": old_BT,
+    }
+
+
+def batch_loss(
+    cfg: TrainConfig, model: Any, rollout: Rollout, scored: list[ScoredSequence]
+) -> losses.LossOutput:
+    """The configured loss of one scored rollout, with gradients into ``model``."""
+    full = cfg.loss in ("forward_kl", "sparse_reverse_kl", "jsd", "candidate_reverse_kl") or (
+        cfg.loss == "reverse_kl" and _baseline(cfg) == "position"
+    )
+    logprobs_BT, valid_BT, logprobs_BTV = completion_logprobs(
+        model, rollout.prompt_ids, rollout.completion_ids, full=full
+    )
+    width = logprobs_BT.shape[1]
+    device = logprobs_BT.device
+    old_BT = _padded(rollout.old_logprobs, width, 0.0, torch.float32).to(device)
+    teacher_BT = _padded([s.logprobs_S for s in scored], width, np.nan, torch.float32).to(device)
+    exact_BT = _padded([s.exact_S for s in scored], width, False, torch.bool).to(device)
+    mapped_BT = _padded(
+        [1.0 - s.tail_mass_S - s.unresolved_mass_S for s in scored], width, np.nan, torch.float32
+    ).to(device)
+    mask_BT = losses.position_mask(
+        valid_BT,
+        teacher_logprobs_BT=teacher_BT,
+        exact_BT=exact_BT,
+        mapped_mass_BT=mapped_BT,
+        min_mapped_mass=cfg.min_mapped_mass,
+        require_exact=cfg.require_exact,
+    )
+
+    def teacher_topk() -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's sparse rows, padded (only the losses that read them pay for this)."""
+        ids_BTK = _padded([s.topk_ids_SK for s in scored], width, -1, torch.long)
+        lps_BTK = _padded([s.topk_logprobs_SK for s in scored], width, -np.inf, torch.float32)
+        return ids_BTK.to(device), lps_BTK.to(device)
+
+    if cfg.loss == "candidate_reverse_kl":
+        assert logprobs_BTV is not None
+        if rollout.candidate_ids is None or any(s.candidate_logprobs_SC is None for s in scored):
+            raise TeacherProtocolError(
+                "candidate_reverse_kl needs the teacher's candidate_logprobs: the rollout named "
+                "no candidates or the service answered none"
+            )
+        ids_BTC = _padded(rollout.candidate_ids, width, -1, torch.long).to(device)
+        teacher_BTC = _padded(
+            [s.candidate_logprobs_SC for s in scored], width, np.nan, torch.float32
+        ).to(device)
+        unresolved_BTC = _padded(
+            [s.candidate_unresolved_SC for s in scored], width, 0.0, torch.float32
+        ).to(device)
+        if cfg.teacher_support:
+            topk_ids_BTK, topk_BTK = teacher_topk()
+            ids_BTC, teacher_BTC, unresolved_BTC = losses.with_teacher_support(
+                ids_BTC, teacher_BTC, unresolved_BTC,
+                topk_ids_BTK[..., : cfg.teacher_support], topk_BTK[..., : cfg.teacher_support],
+            )  # fmt: skip
+        return losses.candidate_reverse_kl_loss(
+            logprobs_BTV,
+            ids_BTC,
+            teacher_BTC,
+            mask_BT,
+            teacher_unresolved_BTC=unresolved_BTC,
+            **(_sampled_rest(rollout, width, teacher_BT, old_BT) if cfg.rest_divergence else {}),
+        )
+    if cfg.loss == "reverse_kl":
+        baseline_BT = None
+        kind = _baseline(cfg)
+        if kind == "position":
+            assert logprobs_BTV is not None
+            baseline_BT = losses.position_baseline(logprobs_BTV.detach(), *teacher_topk(), mask_BT)
+        elif kind == "group":
+            valid = mask_BT & torch.isfinite(teacher_BT)
+            per_token_BT = torch.where(valid, torch.nan_to_num(teacher_BT) - old_BT, 0.0)
+            group_B = torch.arange(len(mask_BT), device=device) // cfg.samples_per_prompt
+            baseline_BT = losses.group_baseline(per_token_BT, valid, group_B)
+            if cfg.discount > 0:
+                # The baseline of a discounted return: the same per-token mean, discounted alike.
+                baseline_BT = losses.discounted_sum(
+                    torch.where(valid, torch.nan_to_num(baseline_BT), 0.0), cfg.discount
+                )
+        return losses.reverse_kl_advantage_loss(
+            logprobs_BT, old_BT, torch.nan_to_num(teacher_BT), mask_BT,
+            discount=cfg.discount, clip="ppo", clip_eps=cfg.clip_eps, baseline_BT=baseline_BT,
+        )  # fmt: skip
+    if cfg.loss == "semantic_prior":
+        chunks = max(1, max(len(s.chunk_logprobs_C) for s in scored))
+        # -1: padding belongs to no chunk (a real id there would cancel that chunk).
+        chunk_ids_BT = _padded([s.chunk_ids_S for s in scored], width, -1, torch.long).to(device)
+        chunk_BC = _padded([s.chunk_logprobs_C for s in scored], chunks, np.nan, torch.float32)
+        return losses.semantic_prior_loss(
+            logprobs_BT, old_BT, chunk_ids_BT, chunk_BC.to(device), mask_BT, clip_eps=cfg.clip_eps
+        )
+    assert logprobs_BTV is not None
+    kind = {"forward_kl": "forward", "sparse_reverse_kl": "reverse", "jsd": "jsd"}[cfg.loss]
+    sampled_BT = _padded(
+        [np.asarray(c, dtype=np.int64) for c in rollout.completion_ids], width, 0, torch.long
+    ).to(device)
+    topk_ids_BTK, topk_lps_BTK = teacher_topk()
+    return losses.sparse_divergence_loss(
+        logprobs_BTV, sampled_BT, topk_ids_BTK, topk_lps_BTK,
+        torch.nan_to_num(teacher_BT, nan=-np.inf), mask_BT, kind=kind, beta=cfg.jsd_beta,
+    )  # fmt: skip
+
+
+def _baseline(cfg: TrainConfig) -> str:
+    """The ``reverse_kl`` baseline in force (``auto`` resolved)."""
+    if cfg.baseline != "auto":
+        return cfg.baseline
+    return "group" if cfg.samples_per_prompt > 1 else "position"
+
+
+def sft_loss(model: Any, rollout: Rollout) -> losses.LossOutput:
+    """Negative log-likelihood of teacher-written completions (the SFT baseline)."""
+    logprobs_BT, mask_BT, _ = completion_logprobs(model, rollout.prompt_ids, rollout.completion_ids)
+    count = mask_BT.sum().clamp(min=1)
+    loss = -(logprobs_BT * mask_BT).sum() / count
+    return losses.LossOutput(
+        loss=loss, metrics={"nll": float(loss.detach()), "tokens": float(count)}
+    )
+
+
+def teacher_rollout(tokenizer: Any, vocab: Vocab, prompts: list[Prompt], answer: Any) -> Rollout:
+    """The teacher's completions in the student's tokens, each spelling exactly the teacher's
+    text after the prompt (a plain ``encode`` would add SentencePiece's dummy space, which the
+    student would then learn to write), closed by end-of-sequence when the teacher stopped."""
+    prompt_ids = [render_student_prompt(tokenizer, p) for p in prompts]
+    completions = []
+    for item in answer.completions:
+        try:
+            ids = encode_continuation(tokenizer, vocab, item.text)
+        except AlignmentError:  # text this tokenizer cannot spell byte for byte: its best try
+            ids = tokenizer.encode(item.text, add_special_tokens=False)
+        if item.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        completions.append(ids or [tokenizer.eos_token_id])
+    return Rollout(list(prompts), prompt_ids, completions, [np.zeros(len(c)) for c in completions])
