@@ -3,7 +3,7 @@
 ``tokenbridge train`` with no loss or learning-rate flags, against the same student trained with
 ``--loss sft`` and with ``--rest-divergence`` (the default loss charging the divergence inside
 its rest, docs/mapping.md §4b) for the same steps (100 steps of 16 prompts), on continuing
-Shakespeare (``tokenbridge.textcont``: plays held out whole). The pair is the experiment's
+Shakespeare (``tokenbridge.research.textcont``: plays held out whole). The pair is the experiment's
 turned around and rebuilt: the teacher is a Llama-architecture model over the Mistral
 SentencePiece vocabulary, the student a GPT-2-architecture model over GPT-2's byte-level BPE (the
 experiment distils GPT-2 into SentencePiece, on arithmetic). Both are fitted here and cached.
@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.taskmodels import FitSpec, fit_model
-from tokenbridge.textcont import (
+from tokenbridge.research.taskmodels import FitSpec, fit_model
+from tokenbridge.research.textcont import (
     HELD_OUT_PLAYS,
     VALIDATION_PLAYS,
     Passage,

@@ -1,7 +1,8 @@
 """Does a distillation step help? Train the experiment's warm-started students for a few steps of
 each loss at several learning rates, from the same start, through the real service and trainer,
-and measure the change of the *exact* per-position reverse KL (``tokenbridge/exactkl.py``) on fixed
-student completions of validation problems (never the held-out test problems).
+and measure the change of the *exact* per-position reverse KL
+(``tokenbridge/research/exactkl.py``) on fixed student completions of validation problems (never
+the held-out test problems).
 
 Two pairs: ``same`` (a student on the teacher's GPT-2 tokenizer) and ``cross`` (a Mistral
 SentencePiece student). One JSON line per run; the last line is a summary (the best learning rate
@@ -46,8 +47,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args()
 
-    from tokenbridge.exactkl import StepCheck
-    from tokenbridge.experiment import ExperimentConfig
+    from tokenbridge.research.exactkl import StepCheck
+    from tokenbridge.research.experiment import ExperimentConfig
 
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     results: list[dict[str, Any]] = []

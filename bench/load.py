@@ -89,7 +89,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tokenbridge.demo import shakespeare_dir
+from tokenbridge.corpus import shakespeare_dir
 from tokenbridge.hub import load_tokenizer
 from tokenbridge.process import serve_process
 from tokenbridge.shared.align import encode_continuation

@@ -35,7 +35,7 @@ for _extra in (REPO_ROOT / "tests", REPO_ROOT / "bench"):
 from seed_style import SeedChunk, seed_align_and_targets  # noqa: E402
 from synthetic import PrefixNeighbours, synthetic_scores  # noqa: E402
 
-from tokenbridge.demo import shakespeare_dir  # noqa: E402
+from tokenbridge.corpus import shakespeare_dir  # noqa: E402
 from tokenbridge.hub import load_tokenizer  # noqa: E402
 from tokenbridge.shared.align import (  # noqa: E402
     align,

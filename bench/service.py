@@ -36,7 +36,7 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-from tokenbridge.demo import shakespeare_dir  # noqa: E402
+from tokenbridge.corpus import shakespeare_dir  # noqa: E402
 from tokenbridge.hub import load_tokenizer  # noqa: E402
 from tokenbridge.process import free_port  # noqa: E402
 from tokenbridge.service.app import create_app  # noqa: E402

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenbridge.client.config import TrainConfig
-from tokenbridge.demo import DemoConfig, run_demo
 from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, materialise
+from tokenbridge.mapping_demo import MappingDemoConfig, run_mapping_demo
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.shared.configargs import add_config_arguments, config_from_args, load_toml
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mapping-demo",
         help="map a teacher's predictions onto student tokens for real tokenizer pairs",
     )
-    add_config_arguments(mapping, DemoConfig)
+    add_config_arguments(mapping, MappingDemoConfig)
     mapping.set_defaults(cache_dir=_default_cache())
 
     tokenizers = commands.add_parser(
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _experiment_arguments(
     parser: argparse.ArgumentParser, default_preset: str, default_out: Path
 ) -> None:
-    from tokenbridge.experiment import PRESETS, ExperimentConfig
+    from tokenbridge.research.experiment import PRESETS, ExperimentConfig
 
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default=default_preset,
@@ -109,7 +109,7 @@ def _experiment_arguments(
 
 
 def _experiment(args: argparse.Namespace) -> Any:
-    from tokenbridge.experiment import ExperimentConfig, preset_config, run_experiment
+    from tokenbridge.research.experiment import ExperimentConfig, preset_config, run_experiment
 
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return _train(parser, argv)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from tokenbridge.experiment import before_after_table
+        from tokenbridge.research.experiment import before_after_table
 
         result = _experiment(args)
         print()
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {result.plot_path}\nall curves: {result.results_json}")
         return 0
     if args.command == "mapping-demo":
-        run_demo(config_from_args(DemoConfig, args, parser))
+        run_mapping_demo(config_from_args(MappingDemoConfig, args, parser))
         return 0
     if args.command == "plot":
         from tokenbridge.client.plot import plot_metrics

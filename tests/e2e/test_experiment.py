@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tokenbridge.experiment import ARMS
+from tokenbridge.research.experiment import ARMS
 
 from tests.support.paths import CACHE_DIR, REPO
 

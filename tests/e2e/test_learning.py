@@ -1,8 +1,8 @@
 """Distillation that teaches, checked so it cannot be gamed: the real trainer (``tokenbridge train``
 with its defaults) against the real service, scored by the *exact* per-position reverse KL of the
 student to the teacher on fixed completions of validation problems, with the full distributions
-computed here (``tokenbridge/exactkl.py``: models run directly, the teacher's whole row mapped by
-§4), never by the losses or the service under test.
+computed here (``tokenbridge/research/exactkl.py``: models run directly, the teacher's whole row
+mapped by §4), never by the losses or the service under test.
 
 For an identical pair (a student on the teacher's GPT-2 tokenizer) and a cross-family pair (a
 Mistral SentencePiece student): one optimiser step of every distillation loss at its default
@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 
 from tokenbridge.client.config import TrainConfig
-from tokenbridge.exactkl import StepCheck
-from tokenbridge.experiment import ExperimentConfig
+from tokenbridge.research.exactkl import StepCheck
+from tokenbridge.research.experiment import ExperimentConfig
 
 from tests.support.paths import CACHE_DIR
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tokenbridge.experiment import (
+from tokenbridge.research.experiment import (
     ARMS,
     ExperimentConfig,
     before_after_table,
@@ -16,7 +16,7 @@ from tokenbridge.experiment import (
     summarise,
     warm_start_fit,
 )
-from tokenbridge.experiment.results import _compute_to_reach, _mean_curve
+from tokenbridge.research.experiment.results import _compute_to_reach, _mean_curve
 
 
 def _points(accuracies, flops_per_step=10.0):
@@ -191,7 +191,7 @@ def test_the_teacher_line_reports_its_temperature_1_accuracy_beside_greedy():
 def test_the_learning_rate_is_chosen_on_a_measure_that_is_not_at_its_ceiling():
     """Arithmetic rates are chosen by validation accuracy at temperature 1: greedy accuracy was
     0.99 for a competent warm start, which left every rate tied and the smallest one chosen."""
-    from tokenbridge.experiment.run import validation_score
+    from tokenbridge.research.experiment.run import validation_score
 
     arithmetic = ExperimentConfig(progress=False)
     saturated = {"val_accuracy": 1.0, "val_sampled_accuracy": 0.35}
@@ -204,7 +204,7 @@ def test_the_learning_rate_is_chosen_on_a_measure_that_is_not_at_its_ceiling():
 
 
 def test_runs_made_under_another_selection_measure_are_not_reused():
-    from tokenbridge.experiment.run import _run_settings
+    from tokenbridge.research.experiment.run import _run_settings
 
     chosen = ExperimentConfig(progress=False)
     assert _run_settings(chosen, "sft", 0, 1e-4)["selection"] == "sampled_accuracy"

@@ -7,8 +7,8 @@ import argparse
 import pytest
 
 from tokenbridge.cli import build_parser
-from tokenbridge.demo import DemoConfig
 from tokenbridge.hub import OfflineTokenizerError, load_tokenizer, materialise
+from tokenbridge.mapping_demo import MappingDemoConfig
 from tokenbridge.shared.configargs import config_from_args
 
 
@@ -28,7 +28,7 @@ def test_materialise_is_idempotent_and_loads_from_a_plain_folder(bank):
 def test_mapping_demo_flags_are_generated_from_the_config():
     parser = build_parser()
     args = parser.parse_args(["mapping-demo", "--pairs", "gpt2:llama3", "--top-k", "5"])
-    config = config_from_args(DemoConfig, args, parser)
+    config = config_from_args(MappingDemoConfig, args, parser)
     assert config.pairs == ("gpt2:llama3",) and config.top_k == 5
 
 
@@ -44,7 +44,7 @@ def test_config_rejects_bad_values_with_a_reason(flags, reason, capsys):
     parser = build_parser()
     args = parser.parse_args(["mapping-demo", *flags])
     with pytest.raises(SystemExit):
-        config_from_args(DemoConfig, args, parser)
+        config_from_args(MappingDemoConfig, args, parser)
     assert reason in capsys.readouterr().err
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenbridge.client.rollout import render_student_prompt
-from tokenbridge.task import Problem, parse_answer, split_problems, student_example
+from tokenbridge.research.task import Problem, parse_answer, split_problems, student_example
 
 operands = st.integers(min_value=0, max_value=99_999)
 
@@ -69,7 +69,7 @@ def test_student_example_cuts_like_the_trainer(bank, name):
 def test_a_corrupted_solution_has_one_wrong_digit_in_its_steps_and_the_right_rest(a, b, seed):
     import random
 
-    from tokenbridge.task import corrupt
+    from tokenbridge.research.task import corrupt
 
     problem = Problem(a, b)
     prefix, rest = corrupt(problem, random.Random(seed))
@@ -84,7 +84,7 @@ def test_a_corrupted_solution_has_one_wrong_digit_in_its_steps_and_the_right_res
 def test_a_corrupted_example_puts_its_loss_only_after_the_wrong_digit(bank, name):
     import random
 
-    from tokenbridge.task import corrupt, corrupted_example
+    from tokenbridge.research.task import corrupt, corrupted_example
 
     tokenizer, vocab = bank.tokenizer(name), bank.vocab(name)
     for index in range(30):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenbridge.task import accuracy, split_problems, student_example
-from tokenbridge.taskmodels import FitSpec, StopRule, fit_task_model
+from tokenbridge.research.task import accuracy, split_problems, student_example
+from tokenbridge.research.taskmodels import FitSpec, StopRule, fit_task_model
 from tokenbridge.tinymodels import TinyModelSpec
 
 from tests.support.paths import CACHE_DIR

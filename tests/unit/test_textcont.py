@@ -6,8 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tokenbridge.hub import load_tokenizer
+from tokenbridge.research.textcont import (
+    HELD_OUT_PLAYS,
+    VALIDATION_PLAYS,
+    examples,
+    passages,
+    plays,
+)
 from tokenbridge.shared.vocab import build_vocab
-from tokenbridge.textcont import HELD_OUT_PLAYS, VALIDATION_PLAYS, examples, passages, plays
 
 
 @pytest.mark.parametrize(("split", "names"), [("held_out", HELD_OUT_PLAYS),

@@ -220,8 +220,8 @@ class StepCheck:
         import contextlib
         import json
 
-        from tokenbridge.experiment import build_models, task_split
         from tokenbridge.process import serve_process
+        from tokenbridge.research.experiment import build_models, task_split
 
         train, validation, _ = task_split(cfg)
         teacher_dir, warm = build_models(

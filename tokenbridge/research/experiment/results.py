@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.experiment.config import ARMS, HEADLINES, ExperimentConfig
+from tokenbridge.research.experiment.config import ARMS, HEADLINES, ExperimentConfig
 
 #: The measures an evaluation point carries, kept from the trainer's records and averaged here.
 POINT_KEYS = (

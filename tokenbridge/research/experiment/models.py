@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tokenbridge import textcont
-from tokenbridge.experiment.config import ExperimentConfig
-from tokenbridge.task import accuracy, split_problems
-from tokenbridge.taskmodels import FitSpec, StopRule, fit_model, fit_task_model
+from tokenbridge.research import textcont
+from tokenbridge.research.experiment.config import ExperimentConfig
+from tokenbridge.research.task import accuracy, split_problems
+from tokenbridge.research.taskmodels import FitSpec, StopRule, fit_model, fit_task_model
 from tokenbridge.tinymodels import TinyModelSpec
 
 

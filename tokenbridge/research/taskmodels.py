@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.task import Problem, corrupted_example, student_example
+from tokenbridge.research.task import Problem, corrupted_example, student_example
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 __all__ = ["Example", "FitSpec", "StopRule", "fit_model", "fit_task_model"]

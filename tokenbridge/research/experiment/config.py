@@ -29,8 +29,9 @@ ARMS: dict[str, Arm] = {
 }
 
 
-#: The tasks: worked addition (``tokenbridge.task``), and continuing Shakespeare with whole plays
-#: held out (``tokenbridge.textcont``), where the teacher's distribution is wide.
+#: The tasks: worked addition (``tokenbridge.research.task``), and continuing Shakespeare with
+#: whole plays held out (``tokenbridge.research.textcont``), where the teacher's distribution
+#: is wide.
 TASKS = ("arithmetic", "text")
 
 #: Per task, the measure the claims read, and its direction (+1: higher is better): the share of
