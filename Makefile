@@ -73,10 +73,11 @@ test: $(STAMP) $(VLLM_STAMP) deploy-tools
 
 # The pure-code tests alone (tests/unit, no slow ones): what to run after every edit.
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest tests/unit -m "not slow and not vllm"
+	TOKENBRIDGE_CHECK_PROCESS_MARKS=1 $(BIN)/python -m pytest tests/unit -m "not slow and not vllm and not process"
 
+# Neither slow nor starting a process; a test that starts one unmarked fails here (tests/conftest.py).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vllm"
+	TOKENBRIDGE_CHECK_PROCESS_MARKS=1 $(BIN)/python -m pytest -m "not slow and not vllm and not process"
 
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 TOKENBRIDGE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -m vllm

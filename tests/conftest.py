@@ -8,6 +8,7 @@ clean clone converts them once and later runs load them in about a second each. 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "vLLM tests were selected with TOKENBRIDGE_REQUIRE_VLLM=1 but vllm is not importable: "
             "run them with .venv-vllm/bin/python (`make test-vllm`)"
         )
+
+
+#: Audit events of a new process (``subprocess`` and ``multiprocessing`` both raise one).
+_SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn"})
+_spawned: list[str] = []
+#: ``make test-fast`` sets it: a test that starts a process without the ``process`` marker fails,
+#: so the marker that ``-m "not process"`` selects on stays true.
+_CHECK_PROCESS_MARKS = bool(os.environ.get("TOKENBRIDGE_CHECK_PROCESS_MARKS"))
+if _CHECK_PROCESS_MARKS:
+
+    def _audit(event: str, args: tuple[Any, ...]) -> None:
+        if event in _SPAWN_EVENTS:
+            _spawned.append(f"{event} {str(args[:2])[:200]}")
+
+    sys.addaudithook(_audit)  # an audit hook cannot be removed: installed only when asked for
+
+
+@pytest.fixture(autouse=True)
+def _process_marker_is_true(request: pytest.FixtureRequest) -> Any:
+    """With TOKENBRIDGE_CHECK_PROCESS_MARKS set, fail a test that started a process (in its own
+    set-up, its body, or a wider fixture set up for it) without the ``process`` marker."""
+    yield
+    if not _CHECK_PROCESS_MARKS or not _spawned:
+        return
+    started, _spawned[:] = list(_spawned), []
+    marked = request.node.get_closest_marker("process") or request.node.get_closest_marker("vllm")
+    if not marked:
+        pytest.fail(f"started a process without @pytest.mark.process: {started[:3]}")
 
 
 @pytest.fixture(scope="module")

@@ -354,12 +354,14 @@ def hub_family(name: str) -> str:
 # -- compose -------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("variant", sorted(COMPOSE_VARIANTS))
 def test_compose_config_accepts_every_variant(variant):
     config = compose_config(variant)
     assert "teacher" in config["services"]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU], ids=lambda p: p.name)
 def test_compose_refuses_to_start_without_a_key(path):
     code, _, stderr = _compose_config(path, (), False)
@@ -367,6 +369,7 @@ def test_compose_refuses_to_start_without_a_key(path):
     assert "TOKENBRIDGE_API_KEY" in stderr
 
 
+@pytest.mark.process
 def test_teacher_reserves_a_gpu_and_waits_long_for_its_model():
     teacher = compose_config("gpu")["services"]["teacher"]
     devices = teacher["deploy"]["resources"]["reservations"]["devices"]
@@ -384,6 +387,7 @@ def test_teacher_reserves_a_gpu_and_waits_long_for_its_model():
     assert [(host, port) for host, port, _ in port_mappings(teacher)] == [("127.0.0.1", "8000")]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("variant", ["gpu", "gpu+replicas", "cpu"])
 def test_teacher_data_and_model_cache_persist_in_named_volumes(variant):
     config = compose_config(variant)
@@ -400,6 +404,7 @@ def test_teacher_data_and_model_cache_persist_in_named_volumes(variant):
     assert data_volumes <= set(config["volumes"])
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("variant", ["gpu", "cpu"])
 def test_two_students_of_different_families_wait_for_a_healthy_teacher(variant):
     config = compose_config(variant)
@@ -436,6 +441,7 @@ def cpu_model_family(config: dict[str, Any], model_path: str) -> str:
     raise AssertionError(f"no service builds {model_path}")
 
 
+@pytest.mark.process
 def test_cpu_variant_builds_its_models_first_and_needs_no_gpu():
     config = compose_config("cpu")
     services = config["services"]
@@ -462,6 +468,7 @@ def test_cpu_variant_builds_its_models_first_and_needs_no_gpu():
         assert service["build"]["args"]["TORCH_INDEX_URL"].endswith("/cpu")
 
 
+@pytest.mark.process
 def test_load_balancer_profile_fronts_every_teacher_replica():
     services = compose_config("gpu+lb+replicas")["services"]
     proxy = services["proxy"]
@@ -480,6 +487,7 @@ def test_load_balancer_profile_fronts_every_teacher_replica():
     )
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("variant", ["gpu+replicas", "cpu"])
 def test_one_teacher_service_hosts_two_teachers_and_is_healthy_only_with_both(variant):
     config = compose_config(variant)
@@ -627,6 +635,7 @@ def parsed_command(argv: list[Any]) -> Any:
     return config_of(argv[0], build_parser().parse_args(argv))
 
 
+@pytest.mark.process
 def test_every_tokenbridge_command_parses_and_builds_its_config():
     parser = build_parser()
     seen = set()
@@ -650,6 +659,7 @@ def test_every_tokenbridge_command_parses_and_builds_its_config():
     assert {"serve", "train", "tiny-model", "demo"} <= seen
 
 
+@pytest.mark.process
 def test_ports_and_paths_agree_between_images_compose_and_kubernetes():
     gpu = compose_config("gpu")["services"]
     deployment = k8s_resource("Deployment", "tokenbridge-teacher")
@@ -717,6 +727,7 @@ def test_images_run_as_the_user_kubernetes_expects():
 # -- Dockerfiles ---------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_hadolint_passes(name):
     run = subprocess.run(
@@ -874,6 +885,7 @@ def test_kustomization_lists_every_manifest_but_the_example_secret():
 # -- scripts and proxy ---------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_smoke_script_is_valid_bash():
     run = subprocess.run(["bash", "-n", str(DEPLOY / "smoke.sh")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -881,6 +893,7 @@ def test_smoke_script_is_valid_bash():
     assert os.access(DEPLOY / "smoke.sh", os.X_OK)
 
 
+@pytest.mark.process
 def test_smoke_script_passes_shellcheck():
     run = subprocess.run(
         [tool("shellcheck"), str(DEPLOY / "smoke.sh")], capture_output=True, text=True, timeout=120
@@ -888,6 +901,7 @@ def test_smoke_script_passes_shellcheck():
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+@pytest.mark.process
 def test_caddyfile_is_valid(tmp_path):
     # Caddy writes its internal CA under XDG_DATA_HOME while it provisions the config.
     env = {
@@ -1129,6 +1143,7 @@ print("ok", len(blocked), "blocked")
     )
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("extra", "modules", "absent"),
     [

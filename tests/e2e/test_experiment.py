@@ -16,6 +16,8 @@ from tokenbridge.research.experiment import ARMS
 
 from tests.support.paths import CACHE_DIR, REPO
 
+pytestmark = pytest.mark.process
+
 
 def _tokenbridge(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR)}

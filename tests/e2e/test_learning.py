@@ -24,6 +24,8 @@ from tokenbridge.research.experiment import ExperimentConfig
 
 from tests.support.paths import CACHE_DIR
 
+pytestmark = pytest.mark.process
+
 PAIRS = ("same", "cross")
 #: Every on-policy loss; ``sft`` learns from the teacher's samples, ``semantic_prior`` is the
 #: founding paper's baseline (its chunk target is not a divergence to the teacher).

@@ -223,6 +223,7 @@ def run_load(*flags: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_load_run_retries_every_refusal_and_loses_nothing():
     result = run_load(
@@ -257,6 +258,7 @@ def test_load_run_retries_every_refusal_and_loses_nothing():
     assert result["refusal_latency_ms"]["p50"] is not None
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_load_run_with_two_teachers_keeps_each_teachers_refusals_its_own():
     """A busy teacher (admission limit about one request, three students) refuses; the quiet

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.process
+
 
 @pytest.mark.slow
 def test_mapping_demo_runs_end_to_end_and_reports_every_field(bank, tmp_path):

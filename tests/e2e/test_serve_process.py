@@ -20,6 +20,8 @@ from tokenbridge.shared.protocol import ScoredSequence
 from tests.support.paths import REPO
 from tests.support.service import serve_process, tiny_teacher
 
+pytestmark = pytest.mark.process
+
 MSGPACK = {"content-type": "application/msgpack", "authorization": "Bearer k-123"}
 
 

@@ -19,6 +19,8 @@ from tokenbridge.client.train import main as train_main
 from tests.support.paths import CACHE_DIR, REPO
 from tests.support.service import free_port, serve_process, tiny_teacher
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory):

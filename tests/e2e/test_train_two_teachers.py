@@ -22,7 +22,7 @@ from tokenbridge.client.train import main as train_main
 from tests.support.paths import CACHE_DIR, REPO
 from tests.support.service import serve_process, tiny_teacher
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 BATCH = 3
 #: Prompt rows: the first two are held out (one names ``b``); three of the ten others name ``b``.

@@ -14,10 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
 from tokenbridge.client.teacher import SyncTeacherClient, TeacherClientConfig
 
 from tests.support.service import serve_process, tiny_teacher
+
+pytestmark = pytest.mark.process
 
 LIMIT = 40  # max_tokens_in_flight, and max_request_tokens
 BATCH_WAIT_S = 2.0

@@ -29,6 +29,8 @@ from tokenbridge.client.train import main as train_main
 from tests.support.paths import CACHE_DIR, REPO
 from tests.support.service import free_port, serve_process, tiny_teacher
 
+pytestmark = pytest.mark.process
+
 JSON = {"accept": "application/json"}
 
 

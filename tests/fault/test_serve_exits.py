@@ -22,6 +22,8 @@ from tokenbridge.cli import SERVE_ENGINE_FAILED
 
 from tests.support.service import data_segment, serve_process, tiny_teacher
 
+pytestmark = pytest.mark.process
+
 JSON = {"accept": "application/json"}
 MARGIN = 256 << 20  # bytes the capped process may still grow by: plenty, but not 1.5 GB
 

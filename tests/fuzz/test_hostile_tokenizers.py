@@ -313,6 +313,7 @@ def test_a_huge_vocabulary_registers_or_is_refused_and_one_past_the_body_limit_i
     assert_clean_refusal(upload(app, bigger), (413,), "max_body_bytes")
 
 
+@pytest.mark.process
 def test_a_tokenizer_that_pads_to_a_terabyte_does_not_abort_the_process(tmp_path):
     """A padding of 2**40 makes the Rust library abort the whole process (out of memory, not a
     panic) the moment it encodes with padding on. Registering and using such an upload must not

@@ -242,6 +242,7 @@ def app_open(teacher_dir, tmp_path_factory, loop):
 # -- no secret in any log ---------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_keys_never_reach_the_log_of_a_real_process(teacher_dir, tmp_path):
     """A real ``tokenbridge serve`` at debug level, keys from the environment and a flag: no key,
     valid or not, appears in its log; requests are logged with the key's short id."""
@@ -269,6 +270,7 @@ def test_keys_never_reach_the_log_of_a_real_process(teacher_dir, tmp_path):
     assert f'"key_id": "{sha256(KEY_B)[:8]}"' in log
 
 
+@pytest.mark.process
 def test_the_environment_key_is_not_echoed_by_a_bad_config(tmp_path):
     """A usage error prints the config's problem, never the keys it was given."""
     import subprocess

@@ -596,6 +596,7 @@ class Served:
         self.log.close()
 
 
+@pytest.mark.process
 def test_serve_process_killed_and_restarted_under_the_sync_client(
     teacher_dir, tmp_path, reference, sequences
 ):

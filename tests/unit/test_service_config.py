@@ -182,6 +182,7 @@ def test_load_config_file_raises_value_error_for_unreadable_files(tmp_path):
         load_config_file(tmp_path)  # a folder
 
 
+@pytest.mark.process
 def test_load_config_file_reads_utf8_whatever_the_locale(tmp_path):
     path = tmp_path / "serve.toml"
     path.write_text('probe_text = "naïve café"\n', encoding="utf-8")

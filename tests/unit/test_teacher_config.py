@@ -261,6 +261,7 @@ def test_flags_given_win_over_the_config_file(tmp_path):
     assert own["extra"].teacher_model == "/models/extra"
 
 
+@pytest.mark.process
 def test_a_bad_config_file_fails_serve_with_the_reason(tmp_path):
     path = tmp_path / "serve.toml"
     path.write_text(
