@@ -62,7 +62,7 @@ demo: $(STAMP)
 	$(BIN)/tokenbridge demo
 
 # The paper's claim as the README measures it (--preset full): every arm for three seeds, about
-# two hours here (four arms took 71 min): results.md, results.json and results.png.
+# two hours here (three arms, warm starts fitted, took 74 min): results.md, results.json and results.png.
 experiment: $(STAMP)
 	$(BIN)/tokenbridge experiment --preset full
 
