@@ -42,6 +42,7 @@ from tokenbridge.process import free_port  # noqa: E402
 from tokenbridge.service.app import create_app  # noqa: E402
 from tokenbridge.service.config import ServiceConfig  # noqa: E402
 from tokenbridge.service.engines import build_engine  # noqa: E402
+from tokenbridge.service.engines.transformers import TransformersEngine  # noqa: E402
 from tokenbridge.service.scoring import prepare  # noqa: E402
 from tokenbridge.shared.align import encode_continuation  # noqa: E402
 from tokenbridge.shared.codec import JSON, MSGPACK, pack, unpack  # noqa: E402
@@ -129,7 +130,7 @@ def main() -> int:
     )
     data_dir = args.cache_dir / "bench-service-data"
     config = ServiceConfig(
-        teacher=str(teacher_dir), backend=args.backend, data_dir=data_dir, max_top_k=TOP_K,
+        teacher=(str(teacher_dir),), backend=args.backend, data_dir=data_dir, max_top_k=TOP_K,
         port=free_port(), log_level="warning", device=args.device, dtype=args.dtype,
         max_model_len=args.max_model_len, batch_max_tokens=max(8192, 2 * args.tokens),
         max_request_tokens=max(65536, 4 * args.tokens),
@@ -154,15 +155,16 @@ def main() -> int:
         packed = pack(body)
         request = ScoreRequest.model_validate(body)
         pairing = service.registry.pairing(service.teacher(None).name, entry)
-        jobs = [
+        prepared = [
             prepare(s, entry, pairing, engine.tokenizer, TOP_K, engine.info.max_model_len).job
             for s in request.sequences
         ]
-        assert all(job is not None for job in jobs)
+        jobs = [job for job in prepared if job is not None]
+        assert len(jobs) == len(prepared), "every benchmark sequence fits the teacher"
 
         def forward_only() -> float:
             started = time.perf_counter()
-            if args.backend == "transformers":
+            if isinstance(engine, TransformersEngine):
                 engine.score_batch(jobs)
             else:
                 # vLLM's engine lives on the server's event loop: submit the batch there.

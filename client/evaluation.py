@@ -39,7 +39,7 @@ def evaluate_reverse_kl(
     model: Any,
     tokenizer: Any,
     teacher: SyncTeacherClient | Mapping[str, SyncTeacherClient],
-    prompts: list[Prompt],
+    prompts: Sequence[Prompt],
     max_new_tokens: int,
     seed: int,
     routes: Sequence[str] | None = None,

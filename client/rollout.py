@@ -9,6 +9,7 @@ exactly the numbers the loss later compares against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +177,7 @@ def completion_logprobs(
 def sample(
     model: Any,
     tokenizer: Any,
-    prompts: list[Prompt],
+    prompts: Sequence[Prompt],
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -230,7 +231,7 @@ def cut_after_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[
 @torch.no_grad()
 def recorded_rollout(
     model: Any,
-    prompts: list[Prompt],
+    prompts: Sequence[Prompt],
     prompt_ids: list[list[int]],
     completions: list[list[int]],
     candidates: int = 0,

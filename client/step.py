@@ -3,7 +3,7 @@ teacher-written completions), built from the teacher's padded signals."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -80,18 +80,24 @@ def batch_loss(
 
     if cfg.loss == "candidate_reverse_kl":
         assert logprobs_BTV is not None
-        if rollout.candidate_ids is None or any(s.candidate_logprobs_SC is None for s in scored):
+        teacher_rows = [
+            s.candidate_logprobs_SC for s in scored if s.candidate_logprobs_SC is not None
+        ]
+        unresolved_rows = [
+            s.candidate_unresolved_SC for s in scored if s.candidate_unresolved_SC is not None
+        ]
+        if (
+            rollout.candidate_ids is None
+            or len(teacher_rows) < len(scored)
+            or len(unresolved_rows) < len(scored)
+        ):
             raise TeacherProtocolError(
                 "candidate_reverse_kl needs the teacher's candidate_logprobs: the rollout named "
                 "no candidates or the service answered none"
             )
         ids_BTC = _padded(rollout.candidate_ids, width, -1, torch.long).to(device)
-        teacher_BTC = _padded(
-            [s.candidate_logprobs_SC for s in scored], width, np.nan, torch.float32
-        ).to(device)
-        unresolved_BTC = _padded(
-            [s.candidate_unresolved_SC for s in scored], width, 0.0, torch.float32
-        ).to(device)
+        teacher_BTC = _padded(teacher_rows, width, np.nan, torch.float32).to(device)
+        unresolved_BTC = _padded(unresolved_rows, width, 0.0, torch.float32).to(device)
         if cfg.teacher_support:
             topk_ids_BTK, topk_BTK = teacher_topk()
             ids_BTC, teacher_BTC, unresolved_BTC = losses.with_teacher_support(
@@ -135,7 +141,10 @@ def batch_loss(
             logprobs_BT, old_BT, chunk_ids_BT, chunk_BC.to(device), mask_BT, clip_eps=cfg.clip_eps
         )
     assert logprobs_BTV is not None
-    kind = {"forward_kl": "forward", "sparse_reverse_kl": "reverse", "jsd": "jsd"}[cfg.loss]
+    kinds: dict[str, Literal["forward", "reverse", "jsd"]] = {
+        "forward_kl": "forward", "sparse_reverse_kl": "reverse", "jsd": "jsd",
+    }  # fmt: skip
+    kind = kinds[cfg.loss]
     sampled_BT = _padded(
         [np.asarray(c, dtype=np.int64) for c in rollout.completion_ids], width, 0, torch.long
     ).to(device)

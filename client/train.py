@@ -192,6 +192,7 @@ def _set_up(cfg: TrainConfig) -> _Run:
     random.seed(cfg.seed + rank)
     tokenizer, model = _load_student(cfg)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    assert cfg.learning_rate is not None  # TrainConfig fills in the loss's default
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     warmup = max(1, cfg.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -243,7 +244,8 @@ def _load_student(cfg: TrainConfig) -> tuple[Any, Any]:
         raise ValueError("no student given: pass --student PATH_OR_HUB")
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
-    return tokenizer, model.to(cfg.device)
+    # transformers types ``PreTrainedModel.to`` through a decorator that mypy misreads.
+    return tokenizer, model.to(cfg.device)  # type: ignore[arg-type]
 
 
 def _sampler(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any]:

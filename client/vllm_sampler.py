@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -201,7 +202,7 @@ class VLLMSampler:
         self,
         model: Any,
         tokenizer: Any,
-        prompts: list[Prompt],
+        prompts: Sequence[Prompt],
         *,
         max_new_tokens: int,
         temperature: float = 1.0,

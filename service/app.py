@@ -41,6 +41,7 @@ from tokenbridge.service.errors import (
     UnsupportedMediaTypeError,
 )
 from tokenbridge.service.quotas import KeyQuotas, key_id
+from tokenbridge.shared import responses
 from tokenbridge.shared.codec import JSON, MSGPACK, MSGPACK_TYPES, body_encoding, pack, unpack
 from tokenbridge.shared.errors import CodecError
 from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
@@ -151,7 +152,7 @@ def _route_label(path: str) -> str:
 _NOT_A_FAILURE = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
-def _internal_error_body(request_id: str) -> dict[str, Any]:
+def _internal_error_body(request_id: str) -> responses.ErrorBody:
     return {
         "error": {
             "code": "internal",
@@ -360,7 +361,7 @@ def create_app(
     # -- error mapping: the one place errors become HTTP -----------------------------------
 
     def error_response(request: Request, error: ServiceError) -> Response:
-        body = {"error": {"code": error.code, "message": error.message}}
+        body: responses.ErrorBody = {"error": {"code": error.code, "message": error.message}}
         try:
             encoding = _response_encoding(request)
         except ServiceError:
@@ -405,8 +406,10 @@ def create_app(
         """Liveness (no key needed): 200 while the process can serve or get back to serving
         (an engine restart included); 503 once the service gave up on every teacher."""
         if service.state == "failed":
-            return JSONResponse({"status": "failed", "state": "failed"}, status_code=503)
-        return JSONResponse({"status": "alive", "state": service.state})
+            failed: responses.Health = {"status": "failed", "state": "failed"}
+            return JSONResponse(failed, status_code=503)
+        alive: responses.Health = {"status": "alive", "state": service.state}
+        return JSONResponse(alive)
 
     async def readyz(request: Request) -> Response:
         """Readiness: 200 while some teacher accepts work (``?teacher=NAME``: that teacher),
@@ -424,7 +427,7 @@ def create_app(
             ready, state = service.teacher(asked).readiness()
         else:
             ready, state = service.readiness()
-        body = {
+        body: responses.Readiness = {
             "ready": ready,
             "state": state,
             "teachers": {name: {"ready": r, "state": st} for name, (r, st) in teachers.items()},
@@ -462,11 +465,15 @@ def create_app(
         with quotas.hold(request.state.key_hash):
             entry, created = await service.register(body)
         described = await asyncio.to_thread(service.describe_student, entry)
-        return _respond(request, {**described, "created": created}, 201 if created else 200)
+        registration: responses.Registration = {**described, "created": created}
+        return _respond(request, registration, 201 if created else 200)
 
     async def list_tokenizers(request: Request) -> Response:
         """Every registered student tokenizer."""
-        return _respond(request, {"tokenizers": [e.summary() for e in service.registry.list()]})
+        listed: responses.StudentList = {
+            "tokenizers": [e.summary() for e in service.registry.list()]
+        }
+        return _respond(request, listed)
 
     async def get_tokenizer(request: Request) -> Response:
         """One registration with its vocabulary overlap and 1:1 share on a probe text."""
@@ -476,7 +483,8 @@ def create_app(
     async def delete_tokenizer(request: Request) -> Response:
         """Remove a registration."""
         entry = await asyncio.to_thread(service.registry.delete, request.path_params["student_id"])
-        return _respond(request, {"id": entry.id, "deleted": True})
+        deleted: responses.Deleted = {"id": entry.id, "deleted": True}
+        return _respond(request, deleted)
 
     def charge(key_hash: str | None, tokens: int, teacher: str) -> None:
         quotas.charge(key_hash, tokens)

@@ -31,6 +31,7 @@ from tokenbridge.service.metrics import ServiceMetrics
 from tokenbridge.service.registry import StudentEntry, StudentRegistry
 from tokenbridge.service.supervisor import TeacherState
 from tokenbridge.service.teacher import Teacher
+from tokenbridge.shared import responses
 from tokenbridge.shared.protocol import (
     API_VERSION,
     GenerateRequest,
@@ -192,29 +193,28 @@ class TeacherService:
 
     # -- description ---------------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> responses.Info:
         """``GET /v1/info``: every teacher (``teachers``); the top-level ``teacher``,
-        ``max_top_k`` and ``limits`` are the default teacher's (``None`` without one)."""
+        ``max_top_k`` and ``limits`` are the default teacher's (``None`` and the service-wide
+        limits without one)."""
         teachers = [teacher.describe() for teacher in self.teachers.values()]
-        default = None if self.default_teacher is None else self.teachers[self.default_teacher]
         config = self.config
-        service_limits = {
+        default: responses.TeacherInfo | None = None
+        limits: responses.TeacherLimits | responses.ServiceLimits = {
             "max_body_bytes": config.max_body_bytes,
             "max_sequences": config.max_sequences,
             "request_timeout_s": config.request_timeout_s,
         }
-        top: dict[str, Any] = {"teacher": None, "max_top_k": None, "limits": service_limits}
-        if default is not None:
-            described = next(t for t in teachers if t["name"] == default.name)
-            top = {
-                "teacher": {k: v for k, v in described.items() if k not in ("max_top_k", "limits")},
-                "max_top_k": described["max_top_k"],
-                "limits": dict(described["limits"]),
-            }
+        if self.default_teacher is not None:
+            default = next(t for t in teachers if t["name"] == self.default_teacher)
+            # A copy: the route adds the caller's key limits to it.
+            limits = default["limits"].copy()
         return {
             "api_version": API_VERSION,
             "state": self.state,
-            **top,
+            "teacher": default,
+            "max_top_k": None if default is None else default["max_top_k"],
+            "limits": limits,
             "default_teacher": self.default_teacher,
             "teachers": teachers,
             "logprobs": {
@@ -237,20 +237,20 @@ class TeacherService:
         self._require_started()
         return await asyncio.to_thread(self.registry.register, request)
 
-    def describe_student(self, entry: StudentEntry) -> dict[str, Any]:
+    def describe_student(self, entry: StudentEntry) -> responses.StudentDescription:
         """A registration with how well it maps onto each teacher."""
         pairings = self.registry.pairings(entry)
         ordered = {name: pairings[name] for name in self.teachers if name in pairings}
         return entry.describe(ordered, self.default_teacher)
 
-    async def score(self, request: ScoreRequest) -> dict[str, Any]:
+    async def score(self, request: ScoreRequest) -> responses.ScoreResponse:
         """``POST /v1/score`` for the teacher the request names."""
         teacher = self.teacher(request.teacher)
         self._require_started()
         student = self.registry.get(request.student_tokenizer)
         return await teacher.score(request, student)
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest) -> responses.GenerateResponse:
         """``POST /v1/generate`` for the teacher the request names."""
         teacher = self.teacher(request.teacher)
         self._require_started()

@@ -29,6 +29,7 @@ from tokenbridge.service.errors import (
     UnprocessableError,
     tokenizer_failures_are_unprocessable,
 )
+from tokenbridge.shared import responses
 from tokenbridge.shared.align import align, encode_continuation, teacher_view, token_widths
 from tokenbridge.shared.cache import TableCache, tokenizer_fingerprint
 from tokenbridge.shared.errors import TokenbridgeError, one_line_reason
@@ -52,7 +53,7 @@ class Pairing:
     vocab_overlap: float
     probe_one_to_one_share: float
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> responses.Pairing:
         """The pair's figures as registration answers give them."""
         return {
             "vocab_overlap": self.vocab_overlap,
@@ -67,12 +68,12 @@ class StudentEntry:
 
     id: str
     name: str
-    source: dict[str, str]
+    source: responses.StudentSource
     created: float
     tokenizer: Any
     vocab: Vocab
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> responses.StudentSummary:
         """What ``GET /v1/tokenizers`` lists about this student."""
         return {
             "id": self.id,
@@ -84,18 +85,21 @@ class StudentEntry:
             "scheme": self.vocab.scheme,
         }
 
-    def describe(self, pairings: dict[str, Pairing], default: str | None) -> dict[str, Any]:
+    def describe(
+        self, pairings: dict[str, Pairing], default: str | None
+    ) -> responses.StudentDescription:
         """What ``GET /v1/tokenizers/{id}`` answers: the summary plus how well the student maps
         onto each teacher (``teachers``); the default teacher's figures also stand at the top."""
         roles = {role: token for role, token in self.vocab.roles.items() if token is not None}
-        top = pairings[default].describe() if default in pairings else {}
-        return {
+        described: responses.StudentDescription = {
             **self.summary(),
             "roles": roles,
             "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
-            **top,
             "teachers": {name: pairing.describe() for name, pairing in pairings.items()},
         }
+        if default is not None and default in pairings:
+            described.update(pairings[default].describe())
+        return described
 
 
 def _default_loader(name_or_path: str) -> Any:
@@ -305,7 +309,10 @@ class StudentRegistry:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _load_requested(self, request: RegisterTokenizerRequest) -> tuple[Any, dict[str, str]]:
+    def _load_requested(
+        self, request: RegisterTokenizerRequest
+    ) -> tuple[Any, responses.StudentSource]:
+        source: responses.StudentSource
         with tokenizer_failures_are_unprocessable("cannot load the tokenizer"):
             if request.tokenizer_json is not None:
                 tokenizer = self._from_json(request)
@@ -345,7 +352,7 @@ class StudentRegistry:
         return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
     def _checked_entry(
-        self, student_id: str, tokenizer: Any, name: str, source: dict[str, str]
+        self, student_id: str, tokenizer: Any, name: str, source: responses.StudentSource
     ) -> tuple[StudentEntry, tuple[Pairing, ...]]:
         """``_entry`` for a new registration and its pairing with every teacher: whatever a
         strange tokenizer makes the vocabulary or table code raise is the registration's fault
@@ -359,7 +366,12 @@ class StudentRegistry:
             return entry, pairings
 
     def _entry(
-        self, student_id: str, tokenizer: Any, name: str, source: dict[str, str], created: float
+        self,
+        student_id: str,
+        tokenizer: Any,
+        name: str,
+        source: responses.StudentSource,
+        created: float,
     ) -> StudentEntry:
         try:
             vocab = self.tables.vocab(tokenizer, name)

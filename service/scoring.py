@@ -35,6 +35,7 @@ from tokenbridge.shared.candidates import CandidateMasses, candidate_masses
 from tokenbridge.shared.errors import TokenbridgeError
 from tokenbridge.shared.mapping import MappedCompletion, TeacherScores
 from tokenbridge.shared.protocol import SCORE_ARRAY_DTYPES, Prompt, ScoreSequence
+from tokenbridge.shared.responses import ScoredSequenceWire
 
 __all__ = [
     "PreparedSequence",
@@ -254,22 +255,14 @@ def wire_sequence(
     prepared: PreparedSequence,
     top_k: int,
     candidates: CandidateMasses | None = None,
-) -> dict[str, Any]:
+) -> ScoredSequenceWire:
     """One entry of the response's ``sequences``, field names and dtypes as the protocol says."""
 
     def typed(name: str, array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=SCORE_ARRAY_DTYPES[name])
 
     report = mapped.report
-    extra = {}
-    if candidates is not None:
-        extra = {
-            "candidate_logprobs": typed("candidate_logprobs", candidates.logprobs_SC),
-            "candidate_unresolved_mass": typed(
-                "candidate_unresolved_mass", candidates.unresolved_SC
-            ),
-        }
-    return {
+    wire: ScoredSequenceWire = {
         "logprobs": typed("logprobs", mapped.logprobs_S),
         # The mapper's extra last column (the sampled token when outside the top K) stays home:
         # ``logprobs`` already carries the sampled token's log-prob.
@@ -289,5 +282,10 @@ def wire_sequence(
             "teacher_prompt_tokens": len(prepared.prompt_ids),
             "teacher_completion_tokens": len(prepared.view.ids),
         },
-        **extra,
     }
+    if candidates is not None:
+        wire["candidate_logprobs"] = typed("candidate_logprobs", candidates.logprobs_SC)
+        wire["candidate_unresolved_mass"] = typed(
+            "candidate_unresolved_mass", candidates.unresolved_SC
+        )
+    return wire

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from tokenbridge.service.admission import Admission
 from tokenbridge.service.config import ServiceConfig
@@ -30,6 +30,7 @@ from tokenbridge.service.scoring import (
     wire_sequence,
 )
 from tokenbridge.service.supervisor import EngineSupervisor, TeacherState
+from tokenbridge.shared import responses
 from tokenbridge.shared.protocol import (
     GenerateRequest,
     ScoreRequest,
@@ -73,7 +74,7 @@ class Teacher(EngineSupervisor):
         """The largest ``top_k`` this teacher answers."""
         return min(self.config.max_top_k, self.engine.info.max_top_k)
 
-    def limits(self) -> dict[str, Any]:
+    def limits(self) -> responses.TeacherLimits:
         """This teacher's limits (``/v1/info``'s ``limits``; the service-wide ones included)."""
         config = self.config
         return {
@@ -88,7 +89,7 @@ class Teacher(EngineSupervisor):
             "request_timeout_s": config.request_timeout_s,
         }
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> responses.TeacherInfo:
         """The teacher as ``/v1/info`` describes it: model, engine, versions, vocabulary, state."""
         engine = self.engine.info
         vocab = self.registry.teacher_vocab(self.name)
@@ -123,7 +124,7 @@ class Teacher(EngineSupervisor):
             return None
         return sum(model.sequence_flops(length) for length in lengths)
 
-    def _teacher_stamp(self) -> dict[str, Any]:
+    def _teacher_stamp(self) -> responses.TeacherStamp:
         engine = self.engine.info
         return {
             "name": self.name,
@@ -143,7 +144,7 @@ class Teacher(EngineSupervisor):
                 f"max_top_k in GET /v1/info); ask for top_k <= {limit}"
             )
 
-    async def score(self, request: ScoreRequest, student: StudentEntry) -> dict[str, Any]:
+    async def score(self, request: ScoreRequest, student: StudentEntry) -> responses.ScoreResponse:
         """``POST /v1/score``: the mapped teacher signals of every sequence, in request order."""
         self._require_ready()
         self._check_top_k(request.top_k)
@@ -255,7 +256,7 @@ class Teacher(EngineSupervisor):
         scored: list[PositionScores | None],
         pairing: Pairing,
         top_k: int,
-    ) -> list[dict[str, Any]]:
+    ) -> list[responses.ScoredSequenceWire]:
         out = []
         for item, rows in zip(prepared, scored, strict=True):
             scores = teacher_scores(item, rows, top_k)
@@ -269,7 +270,7 @@ class Teacher(EngineSupervisor):
 
     # -- generation ----------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest) -> responses.GenerateResponse:
         """``POST /v1/generate``: one teacher sample per prompt, for the SFT baseline."""
         self._require_ready()
         max_tokens = (
@@ -340,12 +341,13 @@ class Teacher(EngineSupervisor):
         }
 
 
-def _flops_info(model: FlopModel | None) -> dict[str, Any] | None:
+def _flops_info(model: FlopModel | None) -> responses.TeacherFlops | None:
     """``/v1/info``'s ``teacher.flops``: the FLOP model's coefficients and how to use them."""
     if model is None:
         return None
     return {
-        **model.as_dict(),
+        "matmul_params": model.matmul_params,
+        "attention_coeff": model.attention_coeff,
         "per_token": "2 * matmul_params + attention_coeff * t, t = tokens before it in context",
         "usage": "teacher_flops sums this over positions 0..L-1 of every sequence (prompt + "
         "completion), alike for /v1/score and /v1/generate",

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import email.utils
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from pydantic import (
@@ -25,6 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from tokenbridge.shared.responses import ScoredSequenceWire
 
 __all__ = [
     "API_VERSION",
@@ -301,12 +304,15 @@ class ScoredSequence:
     candidate_unresolved_SC: np.ndarray | None = None
 
     @classmethod
-    def from_wire(cls, value: dict[str, Any], top_k: int = 0) -> ScoredSequence:
-        """Read one entry of a score response's ``sequences`` (msgpack or JSON form).
+    def from_wire(cls, wire: ScoredSequenceWire, top_k: int = 0) -> ScoredSequence:
+        """Read one entry of a score response's ``sequences`` (msgpack or JSON form; its layout
+        is ``shared.responses.ScoredSequenceWire``).
 
         ``top_k`` (the response's own ``top_k``) gives an empty completion read from JSON, which
         carries no shape, its ``(0, K)`` rows.
         """
+        # Read by field name: the arrays are typed arrays (msgpack) or nested lists (JSON).
+        value = cast(Mapping[str, Any], wire)
 
         def array(name: str, dtype: Any, null: float = np.nan) -> np.ndarray:
             raw = value[name]

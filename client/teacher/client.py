@@ -37,6 +37,7 @@ from tokenbridge.shared.protocol import (
     GenerateRequest,
     ScoredSequence,
 )
+from tokenbridge.shared.responses import GenerateResponse, ScoreResponse
 
 logger = logging.getLogger("tokenbridge.client.teacher")
 
@@ -291,7 +292,7 @@ class TeacherClient(ReplicaHandshake):
 
     async def _score_chunk(
         self, offset: int, chunk: list[dict[str, Any]]
-    ) -> list[tuple[list[ScoredSequence], dict[str, Any]]]:
+    ) -> list[tuple[list[ScoredSequence], ScoreResponse]]:
         body = {
             "student_tokenizer": self._student_id,
             "top_k": self.config.top_k,
@@ -301,7 +302,9 @@ class TeacherClient(ReplicaHandshake):
             # Only when set: a service without named teachers refuses fields it does not know.
             body["teacher"] = self.config.teacher
         try:
-            answer = await self._request("POST", "/v1/score", body, student_scoped=True)
+            answer: ScoreResponse = await self._request(
+                "POST", "/v1/score", body, student_scoped=True
+            )
         except TeacherRequestError as error:
             if error.status == 413 and len(chunk) > 1:
                 # Too many teacher tokens or bytes for one request: the same work in two halves.
@@ -320,7 +323,7 @@ class TeacherClient(ReplicaHandshake):
             raise
         return [(self._read_scores(answer, len(chunk)), answer)]
 
-    def _read_scores(self, answer: Any, expected: int) -> list[ScoredSequence]:
+    def _read_scores(self, answer: ScoreResponse, expected: int) -> list[ScoredSequence]:
         try:
             top_k = int(answer["top_k"])
             entries = answer["sequences"]
@@ -373,7 +376,7 @@ class TeacherClient(ReplicaHandshake):
                 except ValidationError as error:
                     raise ValueError(f"invalid generate arguments: {error}") from None
                 bodies.append(body)
-            answers = await _gather_or_cancel(
+            answers: list[GenerateResponse] = await _gather_or_cancel(
                 [self._request("POST", "/v1/generate", b) for b in bodies]
             )
         finally:

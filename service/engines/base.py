@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -123,7 +123,7 @@ class Generated:
 
     ids: list[int]
     text: str
-    finish_reason: str
+    finish_reason: Literal["stop", "length"]
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ import gc
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -257,7 +257,9 @@ class TransformersEngine:
             raise
         ids = output[0, len(prompt_ids) :].tolist()
         eos = self.tokenizer.eos_token_id
-        finish = "stop" if eos is not None and ids and ids[-1] == eos else "length"
+        finish: Literal["stop", "length"] = (
+            "stop" if eos is not None and ids and ids[-1] == eos else "length"
+        )
         return Generated(ids=ids, text=completion_text(self.tokenizer, ids), finish_reason=finish)
 
     def _sample(self, prompt_ids: list[int], params: GenerateParams, sample: bool) -> Any:

@@ -340,13 +340,10 @@ class VLLMEngine:
         output = await self._final_output(list(prompt_ids), sampling)
         completion = output.outputs[0]
         ids = [int(i) for i in completion.token_ids]
-        if completion.finish_reason not in ("stop", "length"):
-            raise RuntimeError(f"vLLM ended the completion with {completion.finish_reason!r}")
-        return Generated(
-            ids=ids,
-            text=completion_text(self.tokenizer, ids),
-            finish_reason=completion.finish_reason,
-        )
+        finish = completion.finish_reason
+        if finish != "stop" and finish != "length":
+            raise RuntimeError(f"vLLM ended the completion with {finish!r}")
+        return Generated(ids=ids, text=completion_text(self.tokenizer, ids), finish_reason=finish)
 
 
 def _empty_scores(top_k: int) -> PositionScores:

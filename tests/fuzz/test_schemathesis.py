@@ -180,7 +180,7 @@ def test_the_description_documents_bodies_errors_and_the_key(service):
     assert set(score["requestBody"]["content"]) == {"application/json", "application/msgpack"}
     assert {"400", "401", "403", "404", "413", "415", "422", "429"} <= set(score["responses"])
     assert described["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
-    error = described["components"]["schemas"]["Error"]
+    error = described["components"]["schemas"]["ErrorBody"]
     assert error["required"] == ["error"]
     student = described["paths"]["/v1/tokenizers/{student_id}"]["get"]["parameters"][0]
     assert student["name"] == "student_id" and student["in"] == "path"

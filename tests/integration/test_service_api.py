@@ -801,3 +801,64 @@ def test_generate_without_max_tokens_fits_a_small_max_generate_tokens(teacher_di
     assert response.status_code == 200, response.text
     completion = response.json()["completions"][0]
     assert 1 <= len(completion["ids"]) <= 8
+
+
+# -- the answers hold to their one declared layout (shared/responses.py) ------------------------
+
+
+def test_every_answer_has_exactly_the_layout_shared_responses_declares(app, students, bank):
+    """Each route's real answer (JSON), candidates included, validates against its
+    ``shared.responses`` type, whose objects are closed: a key the service sends but the type
+    (and so the generated OpenAPI schema) does not declare fails here, as does a missing one."""
+    from pydantic import TypeAdapter
+
+    from tokenbridge.shared import responses
+
+    ids = [int(i) for i in completion(bank, "mistral-v1")]
+    candidates = [[i, (i + 1) % 1000, -1] for i in ids]
+    score_body = {
+        "student_tokenizer": students["mistral-v1"],
+        "top_k": 4,
+        "sequences": [
+            {"prompt": {"text": PROMPT}, "completion_ids": ids, "candidate_ids": candidates},
+            {"prompt": {"text": PROMPT}, "completion_ids": ids[:3]},
+        ],
+    }
+
+    async def go(client):
+        return {
+            responses.Health: await client.get("/healthz"),
+            responses.Readiness: await client.get("/readyz"),
+            responses.Info: await client.get("/v1/info", headers=JSON_ACCEPT),
+            responses.StudentList: await client.get("/v1/tokenizers", headers=JSON_ACCEPT),
+            responses.StudentDescription: await client.get(
+                f"/v1/tokenizers/{students['gpt2']}", headers=JSON_ACCEPT
+            ),
+            responses.Registration: await client.post(
+                "/v1/tokenizers", json={"name": "gpt2", "hub": "gpt2"}, headers=JSON_ACCEPT
+            ),
+            responses.ScoreResponse: await client.post(
+                "/v1/score", json=score_body, headers=JSON_ACCEPT
+            ),
+            responses.GenerateResponse: await client.post(
+                "/v1/generate",
+                json={"prompts": [{"text": PROMPT}], "max_tokens": 4, "seed": 0},
+                headers=JSON_ACCEPT,
+            ),
+            responses.ErrorBody: await client.get("/v1/tokenizers/nope", headers=JSON_ACCEPT),
+        }
+
+    answers = app.run(go)
+    for kind, response in answers.items():
+        assert response.status_code < 500, (kind.__name__, response.text[:300])
+        TypeAdapter(kind).validate_python(response.json())
+    scored_body = answers[responses.ScoreResponse].json()
+    assert "candidate_logprobs" in scored_body["sequences"][0]
+    assert "candidate_logprobs" not in scored_body["sequences"][1]
+    # The check has teeth: an undeclared key, or a missing one, is refused.
+    info = answers[responses.Info].json()
+    with pytest.raises(ValueError):
+        TypeAdapter(responses.Info).validate_python({**info, "undeclared": 1})
+    del info["teachers"]
+    with pytest.raises(ValueError):
+        TypeAdapter(responses.Info).validate_python(info)

@@ -152,8 +152,9 @@ def corrupted_example(
     prompt_ids = render_student_prompt(tokenizer, problem.prompt)
     completion_ids = continuation_ids(tokenizer, prefix + rest)
     vocab = _VOCABS[id(tokenizer)][1]
-    ends = np.cumsum(token_widths(vocab, completion_ids))
-    starts = ends - token_widths(vocab, completion_ids)
+    widths = token_widths(vocab, np.asarray(completion_ids, dtype=np.int64))
+    ends = np.cumsum(widths)
+    starts = ends - widths
     loss_from = int(np.searchsorted(starts, len(prefix.encode("utf-8")), side="left"))
     if tokenizer.eos_token_id is not None:
         completion_ids.append(tokenizer.eos_token_id)

@@ -1,0 +1,474 @@
+"""The v1 answers' layout: one typed definition per response body, in their JSON form.
+
+The service builds its answers as these (the type checker holds every dict literal to them), the
+client reads them as these, and ``service/openapi.py`` generates the OpenAPI response schemas from
+them (pydantic's JSON schema of a ``TypedDict``), so the layout is written down once. They are
+``TypedDict``s rather than models so that an answer of a million floats is never copied into
+objects on either side.
+
+Forms: a msgpack answer has the same fields as the JSON one, with typed arrays
+(``{"dtype", "shape", "data"}``, ``shared.codec``) where JSON has lists; JSON has no NaN or
+infinity, so non-finite floats are ``null`` there. Every object is closed (no undeclared keys),
+which the schemathesis test checks against the running service.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, NotRequired
+
+from pydantic import ConfigDict, Field, WithJsonSchema, with_config
+from typing_extensions import TypedDict
+
+__all__ = [
+    "RESPONSE_TYPES",
+    "Alignment",
+    "Completion",
+    "Deleted",
+    "ErrorBody",
+    "ErrorDetail",
+    "GenerateResponse",
+    "GenerateUsage",
+    "Health",
+    "Info",
+    "KeyQuota",
+    "LogprobSemantics",
+    "Pairing",
+    "Readiness",
+    "Registration",
+    "ScoreResponse",
+    "ScoreTimings",
+    "ScoreUsage",
+    "ScoredSequenceWire",
+    "ServiceLimits",
+    "StudentDescription",
+    "StudentList",
+    "StudentSource",
+    "StudentSummary",
+    "TeacherFlops",
+    "TeacherInfo",
+    "TeacherLimits",
+    "TeacherReadiness",
+    "TeacherStamp",
+]
+
+_CLOSED = ConfigDict(extra="forbid")
+
+
+def _array(depth: int, items: dict[str, Any], description: str) -> WithJsonSchema:
+    """The schema of a per-token array: numpy on the service, a typed array in msgpack, nested
+    lists in JSON (what the schema describes)."""
+    schema: dict[str, Any] = items
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return WithJsonSchema({**schema, "description": description})
+
+
+_NUMBER_OR_NULL = {"type": ["number", "null"]}  # JSON has no NaN or infinity: they are null
+
+
+@with_config(_CLOSED)
+class ErrorDetail(TypedDict):
+    """What went wrong."""
+
+    code: Annotated[str, Field(description="stable, machine-readable")]
+    message: Annotated[str, Field(description="what was wrong and what to do")]
+
+
+@with_config(_CLOSED)
+class ErrorBody(TypedDict):
+    """Every refusal, whatever its status."""
+
+    error: ErrorDetail
+
+
+@with_config(_CLOSED)
+class Health(TypedDict):
+    """``GET /healthz``."""
+
+    status: Literal["alive", "failed"]
+    state: str
+
+
+@with_config(_CLOSED)
+class TeacherReadiness(TypedDict):
+    """One teacher's readiness."""
+
+    ready: bool
+    state: str
+
+
+@with_config(_CLOSED)
+class Readiness(TypedDict):
+    """``GET /readyz``: 200 when ``ready``, 503 otherwise."""
+
+    ready: bool
+    state: str
+    teachers: dict[str, TeacherReadiness]
+    unready: Annotated[list[str], Field(description="the teachers that accept no work now")]
+
+
+@with_config(_CLOSED)
+class TeacherFlops(TypedDict):
+    """The teacher's FLOP model (``service/engines/flops.py``)."""
+
+    matmul_params: int
+    attention_coeff: int
+    per_token: str
+    usage: str
+
+
+@with_config(_CLOSED)
+class TeacherLimits(TypedDict):
+    """The limits a teacher's requests meet; ``/v1/info`` adds the caller's key limits."""
+
+    max_model_len: int | None
+    max_body_bytes: int
+    max_sequences: int
+    max_request_tokens: int
+    max_tokens_in_flight: int
+    admission_wait_s: float
+    admission_queue: int
+    max_generate_tokens: int
+    request_timeout_s: float
+    key_tokens_per_minute: NotRequired[int | None]
+    key_max_requests_in_flight: NotRequired[int | None]
+
+
+@with_config(_CLOSED)
+class ServiceLimits(TypedDict):
+    """The service-wide limits (``/v1/info``'s ``limits`` when no teacher is the default)."""
+
+    max_body_bytes: int
+    max_sequences: int
+    request_timeout_s: float
+    key_tokens_per_minute: NotRequired[int | None]
+    key_max_requests_in_flight: NotRequired[int | None]
+
+
+@with_config(_CLOSED)
+class TeacherInfo(TypedDict):
+    """One hosted teacher, as ``/v1/info`` describes it."""
+
+    name: str
+    state: str
+    ready: bool
+    model: str
+    revision: str | None
+    backend: str
+    dtype: str
+    device: str
+    devices: list[int]
+    versions: dict[str, str]
+    vocab_size: int
+    tokenizer_size: int | None
+    vocab_hash: str | None
+    has_chat_template: bool
+    flops: TeacherFlops | None
+    max_top_k: int
+    candidate_scoring: Annotated[
+        bool,
+        Field(description="whether the teacher scores named student candidates (candidate_ids)"),
+    ]
+    limits: TeacherLimits
+    engine_restarts: int
+
+
+@with_config(_CLOSED)
+class LogprobSemantics(TypedDict):
+    """What the log-probs of a score answer mean."""
+
+    temperature: float
+    positions: str
+
+
+@with_config(_CLOSED)
+class KeyQuota(TypedDict):
+    """The calling key's quota (with keys configured)."""
+
+    key_id: str
+    tokens_per_minute: int
+    tokens_left: int | None
+    max_requests_in_flight: int | None
+
+
+@with_config(_CLOSED)
+class Info(TypedDict):
+    """``GET /v1/info``: every teacher; the top-level ``teacher``, ``max_top_k`` and ``limits``
+    are the default teacher's (``null`` and the service-wide limits without one)."""
+
+    api_version: str
+    state: str
+    teacher: Annotated[TeacherInfo | None, Field(description="the default teacher")]
+    max_top_k: int | None
+    limits: TeacherLimits | ServiceLimits
+    default_teacher: str | None
+    teachers: list[TeacherInfo]
+    logprobs: LogprobSemantics
+    encodings: list[str]
+    students: int
+    quota: NotRequired[KeyQuota]
+
+
+@with_config(_CLOSED)
+class StudentSource(TypedDict):
+    """Where a student tokenizer came from."""
+
+    kind: Literal["hub", "path", "tokenizer_json"]
+    hub: NotRequired[str]
+    path: NotRequired[str]
+
+
+@with_config(_CLOSED)
+class StudentSummary(TypedDict):
+    """One registered student tokenizer (``GET /v1/tokenizers`` lists these)."""
+
+    id: str
+    name: str
+    source: StudentSource
+    created: float
+    vocab_size: int
+    vocab_hash: str
+    scheme: str
+
+
+@with_config(_CLOSED)
+class StudentList(TypedDict):
+    """``GET /v1/tokenizers``."""
+
+    tokenizers: list[StudentSummary]
+
+
+@with_config(_CLOSED)
+class Pairing(TypedDict):
+    """How a student maps onto one teacher."""
+
+    vocab_overlap: float
+    probe_one_to_one_share: float
+    special_token_map: dict[str, int]
+
+
+@with_config(_CLOSED)
+class StudentDescription(TypedDict):
+    """``GET /v1/tokenizers/{student_id}``: the summary, the special roles, and how the student
+    maps onto each teacher; the default teacher's figures also stand at the top."""
+
+    id: str
+    name: str
+    source: StudentSource
+    created: float
+    vocab_size: int
+    vocab_hash: str
+    scheme: str
+    roles: Annotated[dict[str, int], Field(description="special token ids by role")]
+    has_chat_template: bool
+    teachers: Annotated[
+        dict[str, Pairing],
+        Field(description="how the student maps onto each teacher, by teacher name"),
+    ]
+    vocab_overlap: NotRequired[float]
+    probe_one_to_one_share: NotRequired[float]
+    special_token_map: NotRequired[dict[str, int]]
+
+
+@with_config(_CLOSED)
+class Registration(TypedDict):
+    """``POST /v1/tokenizers`` (201 when new, 200 when it was registered already)."""
+
+    id: str
+    name: str
+    source: StudentSource
+    vocab_size: int
+    vocab_hash: str
+    scheme: str
+    roles: Annotated[dict[str, int], Field(description="special token ids by role")]
+    has_chat_template: bool
+    teachers: dict[str, Pairing]
+    vocab_overlap: NotRequired[float]
+    probe_one_to_one_share: NotRequired[float]
+    special_token_map: NotRequired[dict[str, int]]
+    created: Annotated[bool, Field(description="false: it was registered already")]
+
+
+@with_config(_CLOSED)
+class Deleted(TypedDict):
+    """``DELETE /v1/tokenizers/{student_id}``."""
+
+    id: str
+    deleted: bool
+
+
+@with_config(_CLOSED)
+class Alignment(TypedDict):
+    """How the student's completion tiled against the teacher's tokens."""
+
+    chunks: int
+    one_to_one_share: float
+    longest_chunk_tokens: int
+    untiled_bytes: int
+    total_bytes: int
+    teacher_prompt_tokens: int
+    teacher_completion_tokens: int
+
+
+@with_config(_CLOSED)
+class ScoredSequenceWire(TypedDict):
+    """One entry of a score answer's ``sequences``: row ``j`` of every per-token array is about
+    completion token ``j`` (``docs/mapping.md`` §3, §4, §4b); ``ScoredSequence.from_wire``
+    reads it."""
+
+    logprobs: Annotated[
+        Any,
+        _array(
+            1,
+            _NUMBER_OR_NULL,
+            "the telescoped teacher log-prob of completion token j (§3; null/NaN where unscored)",
+        ),
+    ]
+    topk_ids: Annotated[
+        Any,
+        _array(
+            2,
+            {"type": "integer"},
+            "the teacher's next-token distribution over the student's vocabulary: K student "
+            "ids, most likely first, -1 pads (§4)",
+        ),
+    ]
+    topk_logprobs: Annotated[Any, _array(2, _NUMBER_OR_NULL, "their log-masses; null/-inf pads")]
+    chunk_ids: Annotated[
+        Any,
+        _array(
+            1,
+            {"type": "integer"},
+            "the chunk of each token (chunks end where both tokenisations have a boundary)",
+        ),
+    ]
+    tail_mass: Annotated[Any, _array(1, _NUMBER_OR_NULL, "teacher mass outside its top-K")]
+    unresolved_mass: Annotated[
+        Any,
+        _array(1, _NUMBER_OR_NULL, "mass the mapping could not place"),
+    ]
+    exact: Annotated[
+        Any,
+        _array(1, {"type": "boolean"}, "the row's distribution is exact given the teacher's top-K"),
+    ]
+    chunk_logprobs: Annotated[
+        Any, _array(1, _NUMBER_OR_NULL, "per chunk, the teacher's log-prob of the chunk's bytes")
+    ]
+    alignment: Alignment
+    candidate_logprobs: NotRequired[
+        Annotated[
+            Any,
+            _array(
+                2,
+                _NUMBER_OR_NULL,
+                "with candidate_ids in the request: per completion token and named candidate, the "
+                "log of the teacher's mass of that student token from its full row "
+                "(docs/mapping.md §4b); null/-inf for none or padding",
+            ),
+        ]
+    ]
+    candidate_unresolved_mass: NotRequired[
+        Annotated[
+            Any,
+            _array(
+                2,
+                _NUMBER_OR_NULL,
+                "mass of teacher tokens that may belong to the candidate but hang on the next "
+                "teacher position: the true mass lies in [exp(logprob), exp(logprob) + this]; "
+                "0: exact",
+            ),
+        ]
+    ]
+
+
+_ENGINE_SECONDS = (
+    "seconds the teacher's engine spent on this request (measured, wall clock): generation "
+    "and scoring cost the same FLOPs per token but not the same time on a real server"
+)
+
+
+@with_config(_CLOSED)
+class TeacherStamp(TypedDict):
+    """Which teacher answered."""
+
+    name: str
+    model: str
+    backend: str
+    dtype: str
+    versions: dict[str, str]
+
+
+@with_config(_CLOSED)
+class ScoreUsage(TypedDict):
+    """What a score request cost the teacher."""
+
+    positions: int
+    teacher_prompt_tokens: int
+    teacher_completion_tokens: int
+    teacher_tokens: int
+    teacher_flops: Annotated[int | None, Field(description="null: the engine has no FLOP model")]
+    teacher_engine_s: Annotated[float, Field(description=_ENGINE_SECONDS)]
+
+
+@with_config(_CLOSED)
+class ScoreTimings(TypedDict):
+    """Where a score request's time went."""
+
+    prepare_s: float
+    engine_s: float
+    mapping_s: float
+
+
+@with_config(_CLOSED)
+class ScoreResponse(TypedDict):
+    """``POST /v1/score``."""
+
+    top_k: int
+    sequences: list[ScoredSequenceWire]
+    usage: ScoreUsage
+    timings: ScoreTimings
+    teacher: TeacherStamp
+
+
+@with_config(_CLOSED)
+class Completion(TypedDict):
+    """One teacher sample."""
+
+    text: str
+    ids: list[int]
+    finish_reason: Literal["stop", "length"]
+
+
+@with_config(_CLOSED)
+class GenerateUsage(TypedDict):
+    """What a generate request cost the teacher."""
+
+    teacher_prompt_tokens: int
+    teacher_completion_tokens: int
+    teacher_tokens: int
+    teacher_flops: Annotated[int | None, Field(description="null: the engine has no FLOP model")]
+    teacher_engine_s: Annotated[float, Field(description=_ENGINE_SECONDS)]
+
+
+@with_config(_CLOSED)
+class GenerateResponse(TypedDict):
+    """``POST /v1/generate``."""
+
+    completions: list[Completion]
+    usage: GenerateUsage
+    teacher: TeacherStamp
+
+
+#: The answers the OpenAPI description names (their nested types come along).
+RESPONSE_TYPES: tuple[type, ...] = (
+    ErrorBody,
+    Health,
+    Readiness,
+    Info,
+    StudentList,
+    StudentDescription,
+    Registration,
+    Deleted,
+    ScoreResponse,
+    GenerateResponse,
+)
