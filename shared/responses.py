@@ -118,31 +118,27 @@ class TeacherFlops(TypedDict):
 
 
 @with_config(_CLOSED)
-class TeacherLimits(TypedDict):
-    """The limits a teacher's requests meet; ``/v1/info`` adds the caller's key limits."""
+class ServiceLimits(TypedDict):
+    """The service-wide limits (``/v1/info``'s ``limits`` when no teacher is the default);
+    ``/v1/info`` adds the caller's key limits."""
 
-    max_model_len: int | None
     max_body_bytes: int
     max_sequences: int
-    max_request_tokens: int
-    max_tokens_in_flight: int
-    admission_wait_s: float
-    admission_queue: int
-    max_generate_tokens: int
     request_timeout_s: float
     key_tokens_per_minute: NotRequired[int | None]
     key_max_requests_in_flight: NotRequired[int | None]
 
 
 @with_config(_CLOSED)
-class ServiceLimits(TypedDict):
-    """The service-wide limits (``/v1/info``'s ``limits`` when no teacher is the default)."""
+class TeacherLimits(ServiceLimits):
+    """The limits a teacher's requests meet: the service-wide ones and its own."""
 
-    max_body_bytes: int
-    max_sequences: int
-    request_timeout_s: float
-    key_tokens_per_minute: NotRequired[int | None]
-    key_max_requests_in_flight: NotRequired[int | None]
+    max_model_len: int | None
+    max_request_tokens: int
+    max_tokens_in_flight: int
+    admission_wait_s: float
+    admission_queue: int
+    max_generate_tokens: int
 
 
 @with_config(_CLOSED)
@@ -219,16 +215,22 @@ class StudentSource(TypedDict):
 
 
 @with_config(_CLOSED)
-class StudentSummary(TypedDict):
-    """One registered student tokenizer (``GET /v1/tokenizers`` lists these)."""
+class _Student(TypedDict):
+    """What every answer about a student tokenizer says of it."""
 
     id: str
     name: str
     source: StudentSource
-    created: float
     vocab_size: int
     vocab_hash: str
     scheme: str
+
+
+@with_config(_CLOSED)
+class StudentSummary(_Student):
+    """One registered student tokenizer (``GET /v1/tokenizers`` lists these)."""
+
+    created: Annotated[float, Field(description="when it was registered (Unix time)")]
 
 
 @with_config(_CLOSED)
@@ -248,17 +250,10 @@ class Pairing(TypedDict):
 
 
 @with_config(_CLOSED)
-class StudentDescription(TypedDict):
-    """``GET /v1/tokenizers/{student_id}``: the summary, the special roles, and how the student
-    maps onto each teacher; the default teacher's figures also stand at the top."""
+class _StudentPaired(_Student):
+    """A student, its special roles, and how it maps onto each teacher; the default teacher's
+    figures also stand at the top."""
 
-    id: str
-    name: str
-    source: StudentSource
-    created: float
-    vocab_size: int
-    vocab_hash: str
-    scheme: str
     roles: Annotated[dict[str, int], Field(description="special token ids by role")]
     has_chat_template: bool
     teachers: Annotated[
@@ -271,21 +266,16 @@ class StudentDescription(TypedDict):
 
 
 @with_config(_CLOSED)
-class Registration(TypedDict):
+class StudentDescription(_StudentPaired):
+    """``GET /v1/tokenizers/{student_id}``."""
+
+    created: Annotated[float, Field(description="when it was registered (Unix time)")]
+
+
+@with_config(_CLOSED)
+class Registration(_StudentPaired):
     """``POST /v1/tokenizers`` (201 when new, 200 when it was registered already)."""
 
-    id: str
-    name: str
-    source: StudentSource
-    vocab_size: int
-    vocab_hash: str
-    scheme: str
-    roles: Annotated[dict[str, int], Field(description="special token ids by role")]
-    has_chat_template: bool
-    teachers: dict[str, Pairing]
-    vocab_overlap: NotRequired[float]
-    probe_one_to_one_share: NotRequired[float]
-    special_token_map: NotRequired[dict[str, int]]
     created: Annotated[bool, Field(description="false: it was registered already")]
 
 
