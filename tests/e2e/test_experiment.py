@@ -55,6 +55,10 @@ def test_reduced_experiment_runs_every_arm_with_finite_metrics(smoke):
     # KL is not read here: eight steps move it less than an evaluation of 16 prompts resolves
     # (CI saw every OPD arm end above its start while this machine saw them below); the exact,
     # noise-free measure of that is tests/e2e/test_learning.py.
+    # Half the batch for twice the steps: evaluated at the same points of the teacher budget.
+    (half,) = results["runs"]["opd_candidate_kl_half_batch"].values()
+    (whole,) = results["runs"]["opd_candidate_kl"].values()
+    assert len(half) == len(whole)
     (sft,) = results["runs"]["sft"].values()
     assert sft[-1]["bits_per_byte"] < sft[0]["bits_per_byte"]
     for arm in ARMS:

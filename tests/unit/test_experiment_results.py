@@ -223,3 +223,15 @@ def test_the_table_lists_each_students_warm_starts():
     table = results_table(summarise(cfg, runs, {"accuracy": 0.97}, cfg.out_dir))
     assert "| cross-tokenizer | 1 | 701 | 0.410 | 0.500 | 0.200 |" in table
     assert "| same tokenizer | 0 | 1100 | 0.410 | 0.400 | 0.100 |" in table
+
+
+@pytest.mark.parametrize("preset", ["full", "smoke"])
+def test_the_half_batch_arm_spends_the_same_budget_in_smaller_steps(preset):
+    cfg = preset_config(preset)
+    full = ARMS["opd_candidate_kl"].schedule(cfg)
+    half = ARMS["opd_candidate_kl_half_batch"].schedule(cfg)
+    assert half["batch_size"] * 2 == full["batch_size"] == cfg.batch_size
+    # Same sequences over the run, evaluated after the same numbers of sequences.
+    assert half["batch_size"] * half["steps"] == full["batch_size"] * full["steps"]
+    assert half["batch_size"] * half["eval_every"] == full["batch_size"] * full["eval_every"]
+    assert half["warmup_steps"] * half["batch_size"] == full["warmup_steps"] * full["batch_size"]

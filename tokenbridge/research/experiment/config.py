@@ -11,15 +11,32 @@ from typing import Any
 @dataclass(frozen=True)
 class Arm:
     """One method: which student it trains (``cross`` or ``same`` tokenizer) and with which loss
-    (``None``: no training)."""
+    (``None``: no training); ``split``: it sends 1/split of the batch a step for ``split`` times
+    the steps (warm-up and evaluations spaced alike), the same teacher budget spent in smaller
+    steps."""
 
     student: str
     loss: str | None
     label: str
+    split: int = 1
+
+    def schedule(self, cfg: ExperimentConfig) -> dict[str, int]:
+        """This arm's batch size, steps, warm-up steps and evaluation spacing under ``cfg``."""
+        return {
+            "batch_size": max(1, cfg.batch_size // self.split),
+            "steps": cfg.steps * self.split,
+            "warmup_steps": cfg.warmup_steps * self.split,
+            "eval_every": cfg.eval_every * self.split,
+        }
 
 
 ARMS: dict[str, Arm] = {
     "opd_candidate_kl": Arm("cross", "candidate_reverse_kl", "cross-tok. OPD, exact candidate KL"),
+    # Claim 1 is stated in teacher FLOPs, and scoring a sequence costs what generating it does:
+    # the same loss on half the sequences a step, twice the steps, for the same budget.
+    "opd_candidate_kl_half_batch": Arm(
+        "cross", "candidate_reverse_kl", "cross-tok. OPD, candidate KL, half batch", split=2
+    ),
     "opd_reverse_kl": Arm("cross", "reverse_kl", "cross-tok. OPD, sampled reverse KL"),
     "opd_topk_kl": Arm("cross", "forward_kl", "cross-tok. OPD, top-K KL"),
     "opd_semantic_prior": Arm("cross", "semantic_prior", "cross-tok. OPD, semantic prior"),

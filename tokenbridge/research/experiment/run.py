@@ -314,15 +314,17 @@ def _train_arm(
             return list(saved["points"])
     loss = ARMS[arm].loss
     assert loss is not None
+    schedule = ARMS[arm].schedule(cfg)
+    steps, eval_every = schedule["steps"], schedule["eval_every"]
     train_cfg = TrainConfig(
         student=str(student_dir), teacher_urls=(url,), prompts=prompts_path,
-        eval_prompts=cfg.kl_eval_prompts, loss=loss, top_k=cfg.top_k, steps=cfg.steps,
-        batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-        learning_rate=rate, warmup_steps=cfg.warmup_steps, seed=seed, out_dir=run_dir,
-        checkpoint_every=cfg.steps, eval_every=cfg.eval_every, progress=cfg.progress,
+        eval_prompts=cfg.kl_eval_prompts, loss=loss, top_k=cfg.top_k, steps=steps,
+        batch_size=schedule["batch_size"], max_new_tokens=cfg.max_new_tokens,
+        learning_rate=rate, warmup_steps=schedule["warmup_steps"], seed=seed, out_dir=run_dir,
+        checkpoint_every=steps, eval_every=eval_every, progress=cfg.progress,
     )  # fmt: skip
     # The trainer evaluates every ``eval_every`` steps and at the last: the last call validates.
-    evaluations = cfg.steps // cfg.eval_every + (cfg.steps % cfg.eval_every != 0)
+    evaluations = steps // eval_every + (steps % eval_every != 0)
     calls = 0
 
     def metrics(model: Any, tokenizer: Any) -> dict[str, float]:
