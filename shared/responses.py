@@ -389,15 +389,21 @@ class TeacherStamp(TypedDict):
 
 
 @with_config(_CLOSED)
-class ScoreUsage(TypedDict):
-    """What a score request cost the teacher."""
+class GenerateUsage(TypedDict):
+    """What a generate request cost the teacher."""
 
-    positions: int
     teacher_prompt_tokens: int
     teacher_completion_tokens: int
     teacher_tokens: int
     teacher_flops: Annotated[int | None, Field(description="null: the engine has no FLOP model")]
     teacher_engine_s: Annotated[float, Field(description=_ENGINE_SECONDS)]
+
+
+@with_config(_CLOSED)
+class ScoreUsage(GenerateUsage):
+    """What a score request cost the teacher: as a generate request's, and the positions scored."""
+
+    positions: int
 
 
 @with_config(_CLOSED)
@@ -427,17 +433,6 @@ class Completion(TypedDict):
     text: str
     ids: list[int]
     finish_reason: Literal["stop", "length"]
-
-
-@with_config(_CLOSED)
-class GenerateUsage(TypedDict):
-    """What a generate request cost the teacher."""
-
-    teacher_prompt_tokens: int
-    teacher_completion_tokens: int
-    teacher_tokens: int
-    teacher_flops: Annotated[int | None, Field(description="null: the engine has no FLOP model")]
-    teacher_engine_s: Annotated[float, Field(description=_ENGINE_SECONDS)]
 
 
 @with_config(_CLOSED)
