@@ -346,8 +346,7 @@ def _flops_info(model: FlopModel | None) -> responses.TeacherFlops | None:
     if model is None:
         return None
     return {
-        "matmul_params": model.matmul_params,
-        "attention_coeff": model.attention_coeff,
+        **model.as_dict(),
         "per_token": "2 * matmul_params + attention_coeff * t, t = tokens before it in context",
         "usage": "teacher_flops sums this over positions 0..L-1 of every sequence (prompt + "
         "completion), alike for /v1/score and /v1/generate",

@@ -26,6 +26,7 @@ __all__ = [
     "Deleted",
     "ErrorBody",
     "ErrorDetail",
+    "FlopCoefficients",
     "GenerateResponse",
     "GenerateUsage",
     "Health",
@@ -108,11 +109,17 @@ class Readiness(TypedDict):
 
 
 @with_config(_CLOSED)
-class TeacherFlops(TypedDict):
-    """The teacher's FLOP model (``service/engines/flops.py``)."""
+class FlopCoefficients(TypedDict):
+    """The two coefficients of a teacher's FLOP model (``service/engines/flops.py``)."""
 
     matmul_params: int
     attention_coeff: int
+
+
+@with_config(_CLOSED)
+class TeacherFlops(FlopCoefficients):
+    """The teacher's FLOP model and how to use it."""
+
     per_token: str
     usage: str
 

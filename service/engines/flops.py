@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tokenbridge.shared.responses import FlopCoefficients
+
 __all__ = ["FlopModel", "flop_model"]
 
 
@@ -47,7 +49,7 @@ class FlopModel:
         """FLOPs of processing a whole sequence of ``length`` tokens (positions 0 .. length-1)."""
         return self.flops(0, length)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> FlopCoefficients:
         """The two coefficients, as ``/v1/info`` reports them."""
         return {"matmul_params": self.matmul_params, "attention_coeff": self.attention_coeff}
 
