@@ -135,7 +135,7 @@ def main() -> int:
         max_model_len=args.max_model_len, batch_max_tokens=max(8192, 2 * args.tokens),
         max_request_tokens=max(65536, 4 * args.tokens),
     )  # fmt: skip
-    engine = build_engine(config)
+    engine = build_engine(config.teacher_configs()["default"])
     app = create_app(
         config, engine=engine, tokenizer_loader=lambda n: load_tokenizer(n, args.cache_dir)
     )

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenbridge.service import openapi
-from tokenbridge.service.config import ServiceConfig, hash_api_key
+from tokenbridge.service.config import DEFAULT_TEACHER, NO_TEACHER, ServiceConfig, hash_api_key
 from tokenbridge.service.core import TeacherService
 from tokenbridge.service.engines.base import TeacherEngine
 from tokenbridge.service.errors import (
@@ -279,8 +279,6 @@ def _engines(
     engines: dict[str, TeacherEngine] | None,
 ) -> dict[str, TeacherEngine]:
     """Every teacher's engine: those given, the others built from their configs."""
-    from tokenbridge.service.config import DEFAULT_TEACHER
-
     given = dict(engines or {})
     own = config.teacher_configs()
     if engine is not None:
@@ -291,9 +289,7 @@ def _engines(
     if unknown:
         raise ValueError(f"engines {unknown} are no teachers of the config ({sorted(own)})")
     if not given and not own:
-        raise ValueError(
-            "no teacher given: pass --teacher PATH_OR_HUB (or teacher = ... in the config)"
-        )
+        raise ValueError(NO_TEACHER)
     from tokenbridge.service.engines import build_engine
 
     return {name: given.get(name) or build_engine(own[name]) for name in own or given}

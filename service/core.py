@@ -68,9 +68,8 @@ class TeacherService:
             tokenizer_dirs=config.tokenizer_dirs,
             **kwargs,
         )
-        own = config.teacher_configs()
         self.teachers = {
-            name: Teacher(name, own.get(name, config), engine, self.registry, self.metrics)
+            name: Teacher(config.teacher_config(name), config, engine, self.registry, self.metrics)
             for name, engine in engines.items()
         }
         for teacher in self.teachers.values():

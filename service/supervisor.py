@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
-from tokenbridge.service.config import ServiceConfig
 from tokenbridge.service.engines.base import TeacherEngine
 from tokenbridge.service.errors import NotReadyError
 from tokenbridge.service.metrics import ServiceMetrics
+from tokenbridge.service.teacher_config import TeacherConfig
 
 logger = logging.getLogger("tokenbridge.service")
 
@@ -51,9 +51,9 @@ class EngineSupervisor:
     health_check_interval_s = 0.5
 
     def __init__(
-        self, name: str, config: ServiceConfig, engine: TeacherEngine, metrics: ServiceMetrics
+        self, config: TeacherConfig, engine: TeacherEngine, metrics: ServiceMetrics
     ) -> None:
-        self.name = name
+        self.name = name = config.name
         self.config = config
         self.engine = engine
         self.metrics = metrics

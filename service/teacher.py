@@ -30,6 +30,7 @@ from tokenbridge.service.scoring import (
     wire_sequence,
 )
 from tokenbridge.service.supervisor import EngineSupervisor, TeacherState
+from tokenbridge.service.teacher_config import TeacherConfig
 from tokenbridge.shared import responses
 from tokenbridge.shared.protocol import (
     GenerateRequest,
@@ -48,19 +49,21 @@ class Teacher(EngineSupervisor):
 
     def __init__(
         self,
-        name: str,
-        config: ServiceConfig,
+        config: TeacherConfig,
+        service_config: ServiceConfig,
         engine: TeacherEngine,
         registry: StudentRegistry,
         metrics: ServiceMetrics,
     ) -> None:
-        super().__init__(name, config, engine, metrics)
+        super().__init__(config, engine, metrics)
+        #: The service-wide limits (body size, sequences, deadline) this teacher answers under.
+        self.service_config = service_config
         self.registry = registry
         self.admission = Admission(
             config.max_tokens_in_flight, config.admission_wait_s, config.admission_queue
         )
-        metrics.admission_waiting.labels(name).set_function(lambda: self.admission.waiting)
-        self._in_flight_gauge = metrics.tokens_in_flight.labels(name)
+        metrics.admission_waiting.labels(self.name).set_function(lambda: self.admission.waiting)
+        self._in_flight_gauge = metrics.tokens_in_flight.labels(self.name)
         self._in_flight_gauge.set(0)
 
     async def _on_engine_started(self) -> None:
@@ -76,17 +79,17 @@ class Teacher(EngineSupervisor):
 
     def limits(self) -> responses.TeacherLimits:
         """This teacher's limits (``/v1/info``'s ``limits``; the service-wide ones included)."""
-        config = self.config
+        config, service = self.config, self.service_config
         return {
             "max_model_len": self.engine.info.max_model_len,
-            "max_body_bytes": config.max_body_bytes,
-            "max_sequences": config.max_sequences,
+            "max_body_bytes": service.max_body_bytes,
+            "max_sequences": service.max_sequences,
             "max_request_tokens": config.max_request_tokens,
             "max_tokens_in_flight": config.max_tokens_in_flight,
             "admission_wait_s": config.admission_wait_s,
             "admission_queue": config.admission_queue,
             "max_generate_tokens": config.max_generate_tokens,
-            "request_timeout_s": config.request_timeout_s,
+            "request_timeout_s": service.request_timeout_s,
         }
 
     def describe(self) -> responses.TeacherInfo:
@@ -148,10 +151,10 @@ class Teacher(EngineSupervisor):
         """``POST /v1/score``: the mapped teacher signals of every sequence, in request order."""
         self._require_ready()
         self._check_top_k(request.top_k)
-        if len(request.sequences) > self.config.max_sequences:
+        if len(request.sequences) > self.service_config.max_sequences:
             raise PayloadTooLargeError(
                 f"{len(request.sequences)} sequences in one request; max_sequences is "
-                f"{self.config.max_sequences}: split the batch"
+                f"{self.service_config.max_sequences}: split the batch"
             )
         if not self.engine.info.full_rows and any(
             s.candidate_ids is not None for s in request.sequences
@@ -283,9 +286,10 @@ class Teacher(EngineSupervisor):
                 f"max_tokens {max_tokens} is above max_generate_tokens "
                 f"{self.config.max_generate_tokens}"
             )
-        if len(request.prompts) > self.config.max_sequences:
+        if len(request.prompts) > self.service_config.max_sequences:
             raise PayloadTooLargeError(
-                f"{len(request.prompts)} prompts; max_sequences is {self.config.max_sequences}"
+                f"{len(request.prompts)} prompts; max_sequences is "
+                f"{self.service_config.max_sequences}"
             )
         tokenizer = self.engine.tokenizer
         prompts = [render_prompt(p, tokenizer, None) for p in request.prompts]

@@ -21,7 +21,7 @@ from typing import Any
 from tokenbridge.client.config import TrainConfig
 from tokenbridge.hub import DEFAULT_CACHE_DIR, OFFLINE_TOKENIZERS, materialise
 from tokenbridge.mapping_demo import MappingDemoConfig, run_mapping_demo
-from tokenbridge.service.config import ServiceConfig
+from tokenbridge.service.config import NO_TEACHER, ServiceConfig
 from tokenbridge.shared.configargs import add_config_arguments, config_from_args, load_toml
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
@@ -183,10 +183,7 @@ def _serve(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         args.api_keys = list(args.api_keys or ()) + [k.strip() for k in keys]
     config = config_from_args(ServiceConfig, args, serve)
     if not config.teacher_names:
-        serve.error(
-            "--teacher PATH_OR_HUB (or NAME=PATH_OR_HUB, repeated) is required (or teacher = ... "
-            "or [[teachers]] tables in --config)"
-        )
+        serve.error(NO_TEACHER)
     configure_logging(config.log_level)
     cache = _default_cache()
     app = create_app(config, tokenizer_loader=lambda name: load_tokenizer(name, cache))

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from tokenbridge.service.config import ServiceConfig
 from tokenbridge.service.engines.base import TeacherEngine
+from tokenbridge.service.teacher_config import TeacherConfig
 
 __all__ = ["build_engine"]
 
 
-def build_engine(config: ServiceConfig) -> TeacherEngine:
-    """The engine ``config.backend`` names for ``config``'s one teacher, not yet started."""
-    if not config.teacher_names:
-        raise ValueError(
-            "no teacher given: pass --teacher PATH_OR_HUB (or teacher = ... in the config)"
-        )
-    model = config.teacher_model
+def build_engine(config: TeacherConfig) -> TeacherEngine:
+    """The engine ``config.backend`` names for the teacher ``config``, not yet started."""
+    model = config.model
     if config.backend == "vllm":
         from tokenbridge.service.engines.vllm import VLLMEngine
 

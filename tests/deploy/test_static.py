@@ -456,9 +456,9 @@ def test_cpu_variant_builds_its_models_first_and_needs_no_gpu():
             service_name
             for service_name, service in services.items()
             if service.get("command", [])[:1] == ["tiny-model"]
-            and flag(service["command"], "--out") == own.teacher_model
+            and flag(service["command"], "--out") == own.model
         ]
-        assert builders, f"no one-shot service builds teacher {name}'s {own.teacher_model}"
+        assert builders, f"no one-shot service builds teacher {name}'s {own.model}"
         assert all(
             teacher["depends_on"][b]["condition"] == "service_completed_successfully"
             for b in builders
@@ -502,9 +502,9 @@ def test_one_teacher_service_hosts_two_teachers_and_is_healthy_only_with_both(va
         # Requests that name no teacher still have one (clients written for a single teacher).
         assert serve.default_teacher_name in teachers
         families = {
-            teacher: cpu_model_family(config, own.teacher_model)
+            teacher: cpu_model_family(config, own.model)
             if variant == "cpu"
-            else hub_family(own.teacher_model)
+            else hub_family(own.model)
             for teacher, own in teachers.items()
         }
         assert len(set(families.values())) == len(teachers), f"{origin}: families {families}"
@@ -840,7 +840,7 @@ def test_teacher_deployment_has_probes_gpus_a_secret_key_and_storage():
     # nvidia.com/gpu is the sum of the teachers' GPUs, each teacher's its own.
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
     check_gpu_placement("teacher-deployment.yaml", serve, gpus)
-    assert len({hub_family(own.teacher_model) for own in teachers.values()}) == len(teachers)
+    assert len({hub_family(own.model) for own in teachers.values()}) == len(teachers)
     assert flag(args, "--api-key-hashes") == "$(TOKENBRIDGE_API_KEY_SHA256)"
     assert "--api-keys" not in args
     env = {e["name"]: e for e in container["env"]}

@@ -26,7 +26,8 @@ def test_flags_reach_the_vllm_engine_arguments(teacher_dir):
             "--pipeline-parallel-size", "2", "--gpu-memory-utilization", "0.85",
         ]
     )  # fmt: skip
-    engine = build_engine(config)  # reads the tokenizer and config only; nothing starts
+    # Reads the tokenizer and config only; nothing starts.
+    engine = build_engine(config.teacher_configs()["default"])
     args = engine._engine_args
     assert (args["tensor_parallel_size"], args["pipeline_parallel_size"]) == (4, 2)
     assert args["gpu_memory_utilization"] == 0.85
@@ -39,7 +40,8 @@ def test_vllm_accepts_the_engine_arguments(teacher_dir):
     config = ServiceConfig(
         teacher=str(teacher_dir), backend="vllm", tensor_parallel_size=4, pipeline_parallel_size=2
     )
-    built = arg_utils.AsyncEngineArgs(**build_engine(config)._engine_args)
+    engine = build_engine(config.teacher_configs()["default"])
+    built = arg_utils.AsyncEngineArgs(**engine._engine_args)
     assert (built.tensor_parallel_size, built.pipeline_parallel_size) == (4, 2)
     assert built.trust_remote_code is False
 
@@ -50,7 +52,8 @@ def test_a_config_file_sets_them_and_flags_win(teacher_dir, tmp_path):
         f'teacher = "{teacher_dir}"\nbackend = "vllm"\n'
         "tensor_parallel_size = 8\npipeline_parallel_size = 2\n"
     )
-    from_file = build_engine(serve_config(["--config", str(toml)]))._engine_args
+    from_file_config = serve_config(["--config", str(toml)]).teacher_configs()["default"]
+    from_file = build_engine(from_file_config)._engine_args
     assert (from_file["tensor_parallel_size"], from_file["pipeline_parallel_size"]) == (8, 2)
     overridden = serve_config(["--config", str(toml), "--pipeline-parallel-size", "1"])
     assert (overridden.tensor_parallel_size, overridden.pipeline_parallel_size) == (8, 1)

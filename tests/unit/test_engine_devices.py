@@ -74,7 +74,8 @@ def test_two_teachers_building_at_once_each_see_only_their_own_gpus(no_visible_d
 
 def test_a_transformers_teacher_given_one_gpu_runs_on_it():
     teacher = str(tiny_teacher("gpt2"))
-    config = ServiceConfig(teacher=teacher, devices=(1,))
+    config = ServiceConfig(teacher=teacher, devices=(1,)).teacher_configs()["default"]
     engine = build_engine(config)  # nothing touches a GPU before ``start``
     assert engine.device == "cuda:1" and engine.info.device == "cuda:1"
-    assert build_engine(ServiceConfig(teacher=teacher)).device == "cpu"
+    on_cpu = ServiceConfig(teacher=teacher).teacher_configs()["default"]
+    assert build_engine(on_cpu).device == "cpu"

@@ -23,7 +23,10 @@ from tokenbridge.service.config import (
     TEACHER_KEYS,
     TEACHER_NAME,
     ServiceConfig,
+    TeacherConfig,
+    TeacherSettings,
     load_config_file,
+    parse_teachers,
 )
 from tokenbridge.shared.configargs import config_from_args
 
@@ -61,12 +64,12 @@ def test_repeated_teacher_flags_name_each_teacher_in_order():
     assert config.default_teacher_name is None
     own = config.teacher_configs()
     assert list(own) == ["math", "code"]
-    assert own["math"].teacher_model == "/models/math"
-    assert own["code"].teacher_model == "org/coder"
-    # Each teacher's own config holds that teacher alone, with the service-wide settings.
+    assert own["math"].model == "/models/math"
+    assert own["code"].model == "org/coder"
+    # Each teacher's own config is a TeacherConfig with its name and the service-wide settings.
     for name, teacher in own.items():
-        assert teacher.teacher_names == (name,) and teacher.max_top_k == 16
-        assert teacher.teacher_options == () and teacher.teachers == ()
+        assert isinstance(teacher, TeacherConfig) and not isinstance(teacher, ServiceConfig)
+        assert teacher.name == name and teacher.max_top_k == 16
     with pytest.raises(ValueError, match="holds 2 teachers"):
         _ = config.teacher_model
 
@@ -76,7 +79,9 @@ def test_a_bare_teacher_is_the_one_named_default():
     assert config.teacher_names == (DEFAULT_TEACHER,) == ("default",)
     assert config.default_teacher_name == "default"
     assert config.teacher_model == "/models/tiny"
-    assert config.teacher_configs() == {"default": config}
+    assert config.teacher_configs() == {
+        "default": TeacherConfig(name="default", model="/models/tiny", **config.settings())
+    }
     # A path with '=' whose left side is no name stays a bare path.
     odd = serve_config(["--teacher", "/models/run=3"])
     assert odd.teacher_names == ("default",) and odd.teacher_model == "/models/run=3"
@@ -112,7 +117,7 @@ def test_any_valid_names_come_through_the_parser(teachers, data):
     config = serve_config(argv)
     given_names = tuple(name for name, _ in teachers)
     assert config.teacher_names == given_names
-    assert {n: c.teacher_model for n, c in config.teacher_configs().items()} == dict(teachers)
+    assert {n: c.model for n, c in config.teacher_configs().items()} == dict(teachers)
     expected = (
         default
         if default is not None
@@ -149,8 +154,10 @@ def test_teacher_options_are_typed_like_their_fields_and_stay_with_their_teacher
     # The other teacher keeps the service-wide values.
     assert (a.max_top_k, a.backend, a.devices, a.dtype) == (32, "transformers", (), "float32")
     assert a.max_tokens_in_flight == ServiceConfig().max_tokens_in_flight
-    # Service-wide fields that are no teacher's own stay as they were for both.
-    assert a.port == b.port == config.port and a.data_dir == b.data_dir == config.data_dir
+    # A teacher's config holds its own settings and nothing service-wide.
+    own_fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+    assert own_fields == {"name", "model", *TEACHER_KEYS}
+    assert not hasattr(a, "port") and not hasattr(b, "data_dir")
 
 
 @settings(max_examples=60, deadline=None)
@@ -230,7 +237,7 @@ def test_teachers_tables_in_a_config_file(tmp_path):
     assert config.teacher_names == ("small", "big")
     assert config.default_teacher_name == "small"
     small, big = config.teacher_configs()["small"], config.teacher_configs()["big"]
-    assert small.teacher_model == "/models/small" and big.teacher_model == "org/big"
+    assert small.model == "/models/small" and big.model == "org/big"
     assert (small.max_tokens_in_flight, small.max_top_k, small.backend) == (
         1000,
         16,
@@ -258,7 +265,7 @@ def test_flags_given_win_over_the_config_file(tmp_path):
     assert config.teacher_options == ("big.max_top_k=8",)
     assert own["small"].max_top_k == 32 and own["extra"].max_top_k == 32  # the flag's default
     assert own["small"].max_tokens_in_flight == 1000  # the table's own value still holds
-    assert own["extra"].teacher_model == "/models/extra"
+    assert own["extra"].model == "/models/extra"
 
 
 @pytest.mark.process
@@ -480,3 +487,31 @@ def test_a_teachers_table_value_of_the_wrong_type_is_named(table, needle):
     with pytest.raises(ValueError) as caught:
         ServiceConfig(teachers=({"name": "a", "model": "/m", **table},))
     assert needle in str(caught.value)
+
+
+def test_parse_teachers_reads_all_three_sources_over_any_defaults():
+    defaults = TeacherSettings(max_top_k=8, dtype="bfloat16")
+    own = parse_teachers(
+        ("a=/models/a",),
+        ("b.max_top_k=3", "a.devices=2"),
+        ({"name": "b", "model": "org/b", "backend": "vllm"},),
+        defaults,
+        default_teacher="b",
+    )
+    assert list(own) == ["a", "b"]
+    assert own["a"] == TeacherConfig(
+        name="a", model="/models/a", **{**defaults.settings(), "devices": (2,)}
+    )
+    assert (own["b"].model, own["b"].backend, own["b"].max_top_k) == ("org/b", "vllm", 3)
+    assert own["b"].dtype == "bfloat16"  # the defaults' value, not the dataclass default
+    with pytest.raises(ValueError, match="default_teacher 'c' is not a teacher"):
+        parse_teachers(("a=/m",), (), (), defaults, default_teacher="c")
+
+
+def test_a_teacher_config_checks_itself():
+    with pytest.raises(ValueError, match="teacher name 'no way'"):
+        TeacherConfig(name="no way", model="/m")
+    with pytest.raises(ValueError, match="max_top_k must be positive"):
+        TeacherConfig(name="ok", model="/m", max_top_k=0)
+    with pytest.raises(TypeError):
+        TeacherConfig(name="ok", model="/m", port=80)  # type: ignore[call-arg]
