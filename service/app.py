@@ -1,139 +1,85 @@
-"""The HTTP face of the teacher service: app factory, thin routes, one error mapper.
+"""The HTTP face of the teacher service: the app factory, the one error mapper, middleware.
 
-Bodies are msgpack by default (``application/msgpack``) and JSON when the request says so; the
-answer's encoding follows ``Accept`` when it names one of the two, else the request body's, else
-msgpack. Every route but ``/healthz`` requires a Bearer key when keys are configured.
+The routes are in ``routes.py`` (one router per feature, thin), their plumbing (encodings,
+keys, quotas, deadlines) in ``http.py``. Every route but ``/healthz`` requires a Bearer key when
+keys are configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import http
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenbridge.service import openapi
-from tokenbridge.service.config import DEFAULT_TEACHER, NO_TEACHER, ServiceConfig, hash_api_key
+from tokenbridge.service.config import DEFAULT_TEACHER, NO_TEACHER, ServiceConfig
 from tokenbridge.service.core import TeacherService
 from tokenbridge.service.engines.base import TeacherEngine
-from tokenbridge.service.errors import (
-    BadRequestError,
-    DeadlineExceededError,
-    ForbiddenError,
-    PayloadTooLargeError,
-    QuotaExceededError,
-    ServiceError,
-    UnauthorizedError,
-    UnprocessableError,
-    UnsupportedMediaTypeError,
-)
-from tokenbridge.service.quotas import KeyQuotas, key_id
+from tokenbridge.service.errors import QuotaExceededError, ServiceError, UnprocessableError
+from tokenbridge.service.http import KeyGate, http_code, response_encoding
+from tokenbridge.service.routes import ROUTERS
 from tokenbridge.shared import responses
-from tokenbridge.shared.codec import JSON, MSGPACK, MSGPACK_TYPES, body_encoding, pack, unpack
-from tokenbridge.shared.errors import CodecError
-from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
+from tokenbridge.shared.codec import JSON, pack
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger("tokenbridge.service.http")
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# -- error mapping: the one place errors become HTTP -------------------------------------------
 
 
-# -- encodings -------------------------------------------------------------------------------
-
-
-def _request_encoding(request: Request) -> str:
-    header = request.headers.get("content-type")
-    encoding = body_encoding(header)
-    if encoding is None:
-        raise UnsupportedMediaTypeError(
-            f"content type {header!r} is not supported; send application/msgpack or "
-            "application/json"
-        )
-    return encoding
-
-
-def _response_encoding(request: Request) -> str:
-    accept = request.headers.get("accept", "").lower()
-    wants_json = JSON in accept
-    wants_msgpack = any(t in accept for t in MSGPACK_TYPES)
-    if wants_json != wants_msgpack:
-        return JSON if wants_json else MSGPACK
-    return body_encoding(request.headers.get("content-type")) or MSGPACK
-
-
-def _respond(
-    request: Request, value: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    encoding = _response_encoding(request)
-    body = pack(value, encoding)
-    state = request.app.state
-    state.service.metrics.payload_bytes.labels("out").observe(len(body))
-    return Response(body, status_code=status, media_type=encoding, headers=headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"the body has {declared} bytes; max_body_bytes is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"the body exceeds max_body_bytes ({limit} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _parse(request: Request, model: type[ModelT]) -> ModelT:
-    service: TeacherService = request.app.state.service
-    encoding = _request_encoding(request)
-    body = await _read_body(request, service.config.max_body_bytes)
-    service.metrics.payload_bytes.labels("in").observe(len(body))
-    if not body:
-        raise BadRequestError("the request has no body")
+def _error_response(request: Request, error: ServiceError) -> Response:
+    body: responses.ErrorBody = {"error": {"code": error.code, "message": error.message}}
     try:
-        value = unpack(body, encoding)
-    except CodecError as error:
-        raise BadRequestError(str(error)) from None
-    if not isinstance(value, dict):
-        raise UnprocessableError(f"the body must be a map/object; got {type(value).__name__}")
-    try:
-        return model.model_validate(value)
-    except ValidationError as error:
-        raise UnprocessableError(_validation_message(error)) from None
+        encoding = response_encoding(request)
+    except ServiceError:
+        encoding = JSON
+    metrics = request.app.state.service.metrics
+    if isinstance(error, QuotaExceededError):
+        metrics.quota_refusals.labels(request.scope["state"].get("key_id", "")).inc()
+    elif error.status == 429:
+        metrics.rejected.labels(request.scope["state"].get("teacher", "")).inc()
+    return Response(
+        pack(body, encoding), status_code=error.status, media_type=encoding, headers=error.headers
+    )
 
 
-def _validation_message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:10]:
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
-    more = error.error_count() - len(parts)
-    return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+async def _on_service_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ServiceError)
+    return _error_response(request, error)
 
 
-def _http_code(status: int) -> str:
-    """The error ``code`` of a routing refusal: ``not_found``, ``method_not_allowed``..."""
-    try:
-        return http.HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "http_error"
+async def _on_validation(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError)
+    return _error_response(request, UnprocessableError(f"invalid request: {error.errors()}"))
+
+
+async def _on_http(request: Request, error: Exception) -> Response:
+    assert isinstance(error, StarletteHTTPException)
+    service_error = ServiceError(str(error.detail))
+    service_error.status = error.status_code
+    service_error.code = http_code(error.status_code)
+    response = _error_response(request, service_error)
+    if error.headers:  # a 405's ``Allow`` (RFC 9110 asks for it)
+        response.headers.update(error.headers)
+    return response
+
+
+async def _on_unexpected(request: Request, error: Exception) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id", "?")
+    logger.exception("unexpected error in request %s", request_id)
+    return JSONResponse(_internal_error_body(request_id), status_code=500)
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -244,34 +190,6 @@ class _Observe:
 
 # -- the app ---------------------------------------------------------------------------------
 
-T = TypeVar("T")
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T], timeout_s: float) -> T:
-    """Run ``work`` under the per-request deadline; abandon it if the caller goes away."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while not task.done():
-            if await request.is_disconnected():
-                task.cancel()
-                return
-            await asyncio.sleep(0.05)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await task
-    except TimeoutError:
-        raise DeadlineExceededError(
-            f"the request took longer than request_timeout_s ({timeout_s} s) and was abandoned; "
-            "send fewer or shorter sequences"
-        ) from None
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-
 
 def _engines(
     config: ServiceConfig,
@@ -308,9 +226,6 @@ def create_app(
     down; readiness is 503 before and after.
     """
     service = TeacherService(config, _engines(config, engine, engines), tokenizer_loader)
-    key_hashes = config.accepted_key_hashes
-    quota_table = config.key_quota_table()
-    quotas = KeyQuotas(quota_table, config.key_max_requests_in_flight)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -328,218 +243,13 @@ def create_app(
         openapi_url="/openapi.json",
     )
     app.state.service = service
-
-    async def authorise(request: Request) -> str | None:
-        """The hash of the caller's valid key (``None`` when the service has no keys)."""
-        if not key_hashes:
-            return None
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise UnauthorizedError("this route needs an API key: send 'Authorization: Bearer KEY'")
-        digest = hash_api_key(key.strip())
-        if not any(hmac.compare_digest(digest, known) for known in key_hashes):
-            raise ForbiddenError("the API key is not valid")
-        request.scope["state"]["key_id"] = key_id(digest)
-        return digest
-
-    def guarded(
-        handler: Callable[[Request], Awaitable[Response]],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def run(request: Request) -> Response:
-            request.state.key_hash = await authorise(request)
-            return await handler(request)
-
-        run.__name__ = handler.__name__
-        run.__doc__ = handler.__doc__
-        return run
-
-    # -- error mapping: the one place errors become HTTP -----------------------------------
-
-    def error_response(request: Request, error: ServiceError) -> Response:
-        body: responses.ErrorBody = {"error": {"code": error.code, "message": error.message}}
-        try:
-            encoding = _response_encoding(request)
-        except ServiceError:
-            encoding = JSON
-        if isinstance(error, QuotaExceededError):
-            service.metrics.quota_refusals.labels(request.scope["state"].get("key_id", "")).inc()
-        elif error.status == 429:
-            service.metrics.rejected.labels(request.scope["state"].get("teacher", "")).inc()
-        return Response(
-            pack(body, encoding), status_code=error.status, media_type=encoding,
-            headers=error.headers,
-        )  # fmt: skip
-
-    @app.exception_handler(ServiceError)
-    async def on_service_error(request: Request, error: ServiceError) -> Response:
-        return error_response(request, error)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, error: RequestValidationError) -> Response:
-        return error_response(request, UnprocessableError(f"invalid request: {error.errors()}"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, error: StarletteHTTPException) -> Response:
-        service_error = ServiceError(str(error.detail))
-        service_error.status = error.status_code
-        service_error.code = _http_code(error.status_code)
-        response = error_response(request, service_error)
-        if error.headers:  # a 405's ``Allow`` (RFC 9110 asks for it)
-            response.headers.update(error.headers)
-        return response
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, error: Exception) -> Response:
-        request_id = request.scope.get("state", {}).get("request_id", "?")
-        logger.exception("unexpected error in request %s", request_id)
-        return JSONResponse(_internal_error_body(request_id), status_code=500)
-
-    # -- routes ---------------------------------------------------------------------------
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        """Liveness (no key needed): 200 while the process can serve or get back to serving
-        (an engine restart included); 503 once the service gave up on every teacher."""
-        if service.state == "failed":
-            failed: responses.Health = {"status": "failed", "state": "failed"}
-            return JSONResponse(failed, status_code=503)
-        alive: responses.Health = {"status": "alive", "state": service.state}
-        return JSONResponse(alive)
-
-    async def readyz(request: Request) -> Response:
-        """Readiness: 200 while some teacher accepts work (``?teacher=NAME``: that teacher),
-        503 while none does (loading, restarting, draining, failed). The body gives every
-        teacher's state and names the unready ones."""
-        unknown = sorted(set(request.query_params) - {"teacher"})
-        if unknown:
-            raise UnprocessableError(
-                f"unknown query parameters {[u[:40] for u in unknown[:5]]}; /readyz takes "
-                "only 'teacher'"
-            )
-        teachers = service.teacher_readiness()
-        asked = request.query_params.get("teacher")
-        if asked is not None:
-            ready, state = service.teacher(asked).readiness()
-        else:
-            ready, state = service.readiness()
-        body: responses.Readiness = {
-            "ready": ready,
-            "state": state,
-            "teachers": {name: {"ready": r, "state": st} for name, (r, st) in teachers.items()},
-            "unready": [name for name, (r, _) in teachers.items() if not r],
-        }
-        return JSONResponse(
-            body, status_code=200 if ready else 503,
-            headers=None if ready else {"Retry-After": "2"},
-        )  # fmt: skip
-
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics."""
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def info(request: Request) -> Response:
-        """Teacher model, engine, versions, vocabulary, max K, limits, log-prob semantics, and the
-        caller's own quota."""
-        described = service.info()
-        key_hash = request.state.key_hash
-        described["limits"]["key_tokens_per_minute"] = config.key_tokens_per_minute
-        described["limits"]["key_max_requests_in_flight"] = config.key_max_requests_in_flight
-        if key_hash is not None:
-            balance = quotas.balance(key_hash)
-            described["quota"] = {
-                "key_id": key_id(key_hash),
-                "tokens_per_minute": quota_table.get(key_hash, 0),
-                "tokens_left": None if balance is None else max(0, int(balance)),
-                "max_requests_in_flight": config.key_max_requests_in_flight,
-            }
-        return _respond(request, described)
-
-    async def register_tokenizer(request: Request) -> Response:
-        """Register a student tokenizer by hub name, path or uploaded ``tokenizer.json``."""
-        body = await _parse(request, RegisterTokenizerRequest)
-        with quotas.hold(request.state.key_hash):
-            entry, created = await service.register(body)
-        described = await asyncio.to_thread(service.describe_student, entry)
-        registration: responses.Registration = {**described, "created": created}
-        return _respond(request, registration, 201 if created else 200)
-
-    async def list_tokenizers(request: Request) -> Response:
-        """Every registered student tokenizer."""
-        listed: responses.StudentList = {
-            "tokenizers": [e.summary() for e in service.registry.list()]
-        }
-        return _respond(request, listed)
-
-    async def get_tokenizer(request: Request) -> Response:
-        """One registration with its vocabulary overlap and 1:1 share on a probe text."""
-        entry = service.registry.get(request.path_params["student_id"])
-        return _respond(request, await asyncio.to_thread(service.describe_student, entry))
-
-    async def delete_tokenizer(request: Request) -> Response:
-        """Remove a registration."""
-        entry = await asyncio.to_thread(service.registry.delete, request.path_params["student_id"])
-        deleted: responses.Deleted = {"id": entry.id, "deleted": True}
-        return _respond(request, deleted)
-
-    def charge(key_hash: str | None, tokens: int, teacher: str) -> None:
-        quotas.charge(key_hash, tokens)
-        if key_hash is not None:
-            service.metrics.key_teacher_tokens.labels(key_id(key_hash), teacher).inc(tokens)
-
-    def route_to_teacher(request: Request, name: str | None) -> str:
-        """The name of the teacher a request asks for (404 for an unknown one), noted for the
-        request's metrics and log line."""
-        teacher = service.teacher(name).name
-        request.scope["state"]["teacher"] = teacher
-        return teacher
-
-    async def score(request: Request) -> Response:
-        """Teacher log-probs and sparse distributions over the student's vocabulary."""
-        body = await _parse(request, ScoreRequest)
-        teacher = route_to_teacher(request, body.teacher)
-        key_hash = request.state.key_hash
-        with quotas.hold(key_hash):
-            result = await _until_disconnect(request, service.score(body), config.request_timeout_s)
-        charge(key_hash, result["usage"]["teacher_tokens"], teacher)
-        encode_started = time.perf_counter()
-        response = _respond(request, result)
-        service.metrics.stage_seconds.labels("encode", teacher).observe(
-            time.perf_counter() - encode_started
-        )
-        return response
-
-    async def generate(request: Request) -> Response:
-        """Teacher samples for prompts (the SFT baseline's data)."""
-        body = await _parse(request, GenerateRequest)
-        teacher = route_to_teacher(request, body.teacher)
-        key_hash = request.state.key_hash
-        with quotas.hold(key_hash):
-            result = await _until_disconnect(
-                request, service.generate(body), config.request_timeout_s
-            )
-        charge(key_hash, result["usage"]["teacher_tokens"], teacher)
-        return _respond(request, result)
-
-    routes: list[tuple[str, str, Callable[[Request], Awaitable[Response]]]] = [
-        ("GET", "/readyz", readyz),
-        ("GET", "/metrics", metrics),
-        ("GET", "/v1/info", info),
-        ("POST", "/v1/tokenizers", register_tokenizer),
-        ("GET", "/v1/tokenizers", list_tokenizers),
-        ("GET", "/v1/tokenizers/{student_id}", get_tokenizer),
-        ("DELETE", "/v1/tokenizers/{student_id}", delete_tokenizer),
-        ("POST", "/v1/score", score),
-        ("POST", "/v1/generate", generate),
-    ]
-    for method, path, handler in routes:
-        app.add_api_route(
-            path,
-            guarded(handler),
-            methods=[method],
-            response_class=Response,
-            openapi_extra=openapi.operation(method, path),
-        )
+    app.state.gate = KeyGate(config)
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_unexpected)
+    for router in ROUTERS:
+        app.include_router(router)
     own = [t.config for t in service.teachers.values()]
     openapi.install(
         app,
@@ -550,7 +260,6 @@ def create_app(
             "max_generate_tokens": max(c.max_generate_tokens for c in own),
         },
     )
-
     app.add_middleware(_CatchPanics)
     app.add_middleware(_Observe, service=service)
     return app

@@ -242,15 +242,20 @@ class TeacherService:
         ordered = {name: pairings[name] for name in self.teachers if name in pairings}
         return entry.describe(ordered, self.default_teacher)
 
-    async def score(self, request: ScoreRequest) -> responses.ScoreResponse:
-        """``POST /v1/score`` for the teacher the request names."""
-        teacher = self.teacher(request.teacher)
+    async def score(
+        self, request: ScoreRequest, teacher: Teacher | None = None
+    ) -> responses.ScoreResponse:
+        """``POST /v1/score`` for ``teacher``, already resolved, or the one the request names."""
+        teacher = teacher or self.teacher(request.teacher)
         self._require_started()
         student = self.registry.get(request.student_tokenizer)
         return await teacher.score(request, student)
 
-    async def generate(self, request: GenerateRequest) -> responses.GenerateResponse:
-        """``POST /v1/generate`` for the teacher the request names."""
-        teacher = self.teacher(request.teacher)
+    async def generate(
+        self, request: GenerateRequest, teacher: Teacher | None = None
+    ) -> responses.GenerateResponse:
+        """``POST /v1/generate`` for ``teacher``, already resolved, or the one the request
+        names."""
+        teacher = teacher or self.teacher(request.teacher)
         self._require_started()
         return await teacher.generate(request)
