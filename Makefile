@@ -71,9 +71,9 @@ test: $(STAMP) $(VLLM_STAMP) deploy-tools
 	TOKENBRIDGE_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/python -m pytest -m "not vllm"
 	$(MAKE) --no-print-directory test-vllm
 
-# The pure-code tests alone (tests/unit, no slow ones): what to run after every edit.
+# The pure-code tests alone (the unit kind, no slow ones): what to run after every edit.
 test-unit: $(STAMP)
-	TOKENBRIDGE_CHECK_PROCESS_MARKS=1 $(BIN)/python -m pytest tests/unit -m "not slow and not vllm and not process"
+	TOKENBRIDGE_CHECK_PROCESS_MARKS=1 $(BIN)/python -m pytest -m "unit and not slow and not process"
 
 # Neither slow nor starting a process; a test that starts one unmarked fails here (tests/conftest.py).
 test-fast: $(STAMP)

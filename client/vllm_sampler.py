@@ -126,7 +126,7 @@ class VLLMSampler:
         The engine is not rebuilt: vLLM's worker reloads the tensors into its existing model.
         ``last_sync_s`` says how long it took.
         """
-        # Why this way (read from vllm 0.32's source, checked by tests/vllm/test_vllm_sampler.py):
+        # Why this way (read from vllm 0.32's source, checked by tests/client/test_vllm_sampler.py):
         # vLLM v1 runs the model in a worker process behind the engine core, so the weights must
         # cross a process boundary, and plain parameter copies are not enough.
         # - ``LLM.collective_rpc`` with tensors as arguments: a utility call's arguments are

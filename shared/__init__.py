@@ -1,6 +1,6 @@
 """tokenbridge.shared: the code both the service and the client use. Pure: no network, no engine.
 
-Public names (pinned by ``tests/unit/test_public_api.py``):
+Public names (pinned by ``tests/tokenbridge/test_public_api.py``):
 
 * vocabularies: ``Vocab``, ``build_vocab``, ``ROLES``
 * tables: ``PairTable``, ``StudentTrie``, ``build_pair_table``, ``TableCache``

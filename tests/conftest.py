@@ -24,9 +24,18 @@ def bank() -> TokenizerBank:
     return TokenizerBank(CACHE_DIR)
 
 
+#: The kinds of test (markers); a module marked with none of them is a ``unit`` test.
+KINDS = ("unit", "integration", "e2e", "fault", "fuzz", "deploy", "vllm")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``make test`` (TOKENBRIDGE_REQUIRE_VLLM=1) a missing vLLM is an error, not a skip."""
+    """Mark every test that names no kind as ``unit``. Under ``make test``
+    (TOKENBRIDGE_REQUIRE_VLLM=1) a missing vLLM is an error, not a skip."""
     import importlib.util
+
+    for item in items:
+        if not any(item.get_closest_marker(kind) for kind in KINDS):
+            item.add_marker(pytest.mark.unit)
 
     wanted = any(item.get_closest_marker("vllm") for item in items)
     if (

@@ -28,7 +28,7 @@ from tokenbridge.process import free_port, serve_process
 from test_static import DEPLOY, KEY, compose_config, load_script, volume_mounts
 from tests.support.paths import CACHE_DIR
 
-pytestmark = [pytest.mark.slow, pytest.mark.process]
+pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.process]
 
 
 def host_argv(service: dict[str, Any], volumes: Path, port: int) -> list[str]:

@@ -49,6 +49,8 @@ from tokenbridge.hub import OFFLINE_TOKENIZERS
 from tokenbridge.service.config import ServiceConfig
 from tokenbridge.tinymodels import TinyModelSpec
 
+pytestmark = pytest.mark.deploy
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker-compose.yml"

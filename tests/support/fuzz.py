@@ -41,7 +41,7 @@ MAX_GENERATE_TOKENS = 8
 MAX_MODEL_LEN = 1024
 
 
-#: ``TOKENBRIDGE_FUZZ_SCALE=20 pytest tests/fuzz`` runs twenty times the examples (a longer,
+#: ``TOKENBRIDGE_FUZZ_SCALE=20 pytest -m fuzz`` runs twenty times the examples (a longer,
 #: still deterministic hunt; CI runs scale 1).
 SCALE = max(1, int(os.environ.get("TOKENBRIDGE_FUZZ_SCALE", "1")))
 
