@@ -37,7 +37,7 @@ TEXT = "To be, or not to be: in 1601 the Globe sold 31536 seats 🎭 to the king
 STUDENT = "mistral-v1"
 FAMILY = {"gpt": "gpt2", "llama": "llama3"}
 BACKEND = {"gpt": "vllm", "llama": "transformers"}
-#: vLLM's CPU kernels against a transformers forward, both float32 (tests/service/test_vllm_service.py).
+#: vLLM's CPU kernels against a transformers forward, both float32 (test_vllm_service.py).
 ATOL = {"gpt": 1e-4, "llama": 2e-5}
 MARGIN = 256 << 20  # bytes the capped process may still grow by: plenty, but not 1.5 GB
 RESTART_WAIT_S = 300.0
