@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tokenbridge.service import openapi
+from tokenbridge.service.core import TeacherService
 from tokenbridge.service.errors import UnprocessableError
 from tokenbridge.service.http import (
     authorise,
@@ -26,6 +28,7 @@ from tokenbridge.service.http import (
     teacher_for,
     until_disconnect,
 )
+from tokenbridge.service.teacher import Teacher
 from tokenbridge.shared import responses
 from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
 
@@ -152,19 +155,35 @@ async def delete_tokenizer(request: Request) -> Response:
 teaching = APIRouter(dependencies=[Depends(authorise)])
 
 
-@teaching.post("/v1/score", **_documented("POST", "/v1/score"))
-async def score(request: Request) -> Response:
-    """Teacher log-probs and sparse distributions over the student's vocabulary."""
-    body = await parse(request, ScoreRequest)
+BodyT = TypeVar("BodyT", ScoreRequest, GenerateRequest)
+AnswerT = TypeVar("AnswerT", responses.ScoreResponse, responses.GenerateResponse)
+
+
+async def _teach(
+    request: Request,
+    model: type[BodyT],
+    work: Callable[[TeacherService, BodyT, Teacher], Awaitable[AnswerT]],
+) -> tuple[Teacher, AnswerT]:
+    """A teaching request's common path: parse, resolve the teacher once, run ``work`` under the
+    caller's quota and the deadline, charge the teacher tokens it reports."""
+    body = await parse(request, model)
     teacher = teacher_for(request, body.teacher)
     service, gate = service_of(request), gate_of(request)
     with gate.hold(request):
-        work = service.score(body, teacher)
-        result = await until_disconnect(request, work, service.config.request_timeout_s)
+        result = await until_disconnect(
+            request, work(service, body, teacher), service.config.request_timeout_s
+        )
     gate.charge(request, result["usage"]["teacher_tokens"], teacher)
+    return teacher, result
+
+
+@teaching.post("/v1/score", **_documented("POST", "/v1/score"))
+async def score(request: Request) -> Response:
+    """Teacher log-probs and sparse distributions over the student's vocabulary."""
+    teacher, result = await _teach(request, ScoreRequest, TeacherService.score)
     encode_started = time.perf_counter()
     response = respond(request, result)
-    service.metrics.stage_seconds.labels("encode", teacher.name).observe(
+    service_of(request).metrics.stage_seconds.labels("encode", teacher.name).observe(
         time.perf_counter() - encode_started
     )
     return response
@@ -173,13 +192,7 @@ async def score(request: Request) -> Response:
 @teaching.post("/v1/generate", **_documented("POST", "/v1/generate"))
 async def generate(request: Request) -> Response:
     """Teacher samples for prompts (the SFT baseline's data)."""
-    body = await parse(request, GenerateRequest)
-    teacher = teacher_for(request, body.teacher)
-    service, gate = service_of(request), gate_of(request)
-    with gate.hold(request):
-        work = service.generate(body, teacher)
-        result = await until_disconnect(request, work, service.config.request_timeout_s)
-    gate.charge(request, result["usage"]["teacher_tokens"], teacher)
+    _, result = await _teach(request, GenerateRequest, TeacherService.generate)
     return respond(request, result)
 
 
