@@ -235,3 +235,17 @@ def test_the_half_batch_arm_spends_the_same_budget_in_smaller_steps(preset):
     assert half["batch_size"] * half["steps"] == full["batch_size"] * full["steps"]
     assert half["batch_size"] * half["eval_every"] == full["batch_size"] * full["eval_every"]
     assert half["warmup_steps"] * half["batch_size"] == full["warmup_steps"] * full["batch_size"]
+
+
+def test_the_smoke_run_and_the_demo_fit_one_teacher_between_them():
+    # The teacher's cache is keyed by its settings and the problems it fits on (the train split
+    # the validation split leaves): a clean `make test` fits it once for the smoke run and the
+    # demo test, and a later `make demo` reuses it.
+    from tokenbridge.research.experiment.config import preset_config
+    from tokenbridge.research.experiment.models import _teacher_spec, task_split
+
+    smoke, demo = preset_config("smoke"), preset_config("demo")
+    assert _teacher_spec(smoke) == _teacher_spec(demo)
+    teacher_fields = ("task", "digits", "held_out", "teacher_fit_steps", "teacher_corrupt")
+    assert [getattr(smoke, f) for f in teacher_fields] == [getattr(demo, f) for f in teacher_fields]
+    assert task_split(smoke)[0] == task_split(demo)[0]
