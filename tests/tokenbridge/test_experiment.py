@@ -19,7 +19,13 @@ from tests.support.paths import CACHE_DIR, REPO
 pytestmark = [pytest.mark.e2e, pytest.mark.process]
 
 
-def _tokenbridge(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+#: A stuck command's limit, not a speed target: on a clean cache the smoke run fits the teacher
+#: and takes about 10 minutes alone here; beside three other CPU-heavy jobs it took 25 and a
+#: limit of 1,500 s failed it (issue 15). Speed is measured in bench/, never here.
+TIMEOUT_S = 3600
+
+
+def _tokenbridge(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR)}
     return subprocess.run(
         [sys.executable, "-m", "tokenbridge", *args], cwd=REPO, env=env, capture_output=True,
