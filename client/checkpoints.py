@@ -49,9 +49,10 @@ def _gather(value: Any, world: int) -> list[Any]:
 
 def write_checkpoint(
     path: Path, model: Any, optimiser: Any, scheduler: Any, step: int, stream: PromptStream,
-    pipeline: deque[Pending], totals: dict[str, Any], rank: int, world: int,
+    pipeline: deque[Pending], totals: dict[str, Any], rank: int, world: int, student: str = "",
 ) -> None:  # fmt: skip
-    """Write the checkpoint (rank 0), with every rank's RNG, data position and pipeline."""
+    """Write the checkpoint (rank 0), with every rank's RNG, data position and pipeline, and the
+    student (folder or hub name) whose weights it holds, for ``tokenbridge export``."""
     pending = [
         {
             "rollout": p.rollout.to_state(),
@@ -76,6 +77,7 @@ def write_checkpoint(
             "pending": [r["pending"] for r in per_rank],
             "step": step,
             "totals": dict(totals),
+            "student": student,
             "format": 1,
         },
     )

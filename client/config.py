@@ -173,6 +173,13 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={"help": "student device"})
     out_dir: Path = field(default=Path("runs/student"), metadata={"help": "checkpoints, metrics"})
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    export_every_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "write the Hugging Face model folder (out_dir/model) at every checkpoint, "
+            "not only when the run ends"
+        },
+    )
     eval_every: int = field(default=10, metadata={"help": "steps between evaluations"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir's checkpoint"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})

@@ -41,6 +41,7 @@ from tokenbridge.client.data import (
     take_routed_batch,
 )
 from tokenbridge.client.evaluation import evaluate_reverse_kl, ratio_standard_error
+from tokenbridge.client.export import MODEL_DIR, export_model
 from tokenbridge.client.fanout import (
     TEACHER_TOTALS,
     Pending,
@@ -126,10 +127,7 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
                 log(last)
                 _show_progress(progress, last)
                 if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
-                    write_checkpoint(
-                        run.checkpoint_path, run.model, run.optimiser, run.scheduler, run.step,
-                        run.stream, pipeline.queue, run.totals, run.rank, run.world,
-                    )  # fmt: skip
+                    _save_run(run, pipeline)
     finally:
         if progress is not None:
             progress.close()
@@ -137,6 +135,18 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
         teachers.close()
         close_sampler()
     return _summary(run, last, time.perf_counter() - started)
+
+
+def _save_run(run: _Run, pipeline: _RolloutPipeline) -> None:
+    """The checkpoint, and the Hugging Face folder at the end (every time with
+    ``export_every_checkpoint``)."""
+    cfg = run.cfg
+    write_checkpoint(
+        run.checkpoint_path, run.model, run.optimiser, run.scheduler, run.step, run.stream,
+        pipeline.queue, run.totals, run.rank, run.world, cfg.student,
+    )  # fmt: skip
+    if run.rank == 0 and (run.step == cfg.steps or cfg.export_every_checkpoint):
+        export_model(run.model, run.tokenizer, cfg.out_dir / MODEL_DIR)
 
 
 # -- set-up and resume -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The ``tokenbridge`` command: demo, experiment, mapping-demo, tokenizers, tiny-model, serve,
-train, plot.
+train, export, plot.
 
 Each subcommand's flags are generated from its config dataclass. ``serve`` and ``train`` also read
 a TOML file (``--config``; flags given on the command line win) and one environment variable each,
@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
     add_config_arguments(train, TrainConfig)
+
+    export = commands.add_parser(
+        "export", help="write a training run's checkpoint as a Hugging Face model folder"
+    )
+    export.add_argument("run", type=Path, help="the run's out_dir (holding checkpoint.pt)")
+    export.add_argument("--out", type=Path, required=True, help="folder to write the model to")
+    export.add_argument(
+        "--student", default="",
+        help="the student the run trained (folder or hub name), for checkpoints that name none",
+    )  # fmt: skip
 
     plot = commands.add_parser("plot", help="draw training curves (metrics.jsonl) to a PNG")
     plot.add_argument("metrics", type=Path, nargs="+", help="metrics.jsonl file(s) of runs")
@@ -243,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "mapping-demo":
         run_mapping_demo(config_from_args(MappingDemoConfig, args, parser))
+        return 0
+    if args.command == "export":
+        from tokenbridge.client.export import export_checkpoint
+
+        try:
+            print(export_checkpoint(args.run, args.out, args.student))
+        except (FileNotFoundError, ValueError) as error:
+            _subparser(parser, "export").error(str(error))
         return 0
     if args.command == "plot":
         from tokenbridge.client.plot import plot_metrics

@@ -207,3 +207,44 @@ def test_two_gloo_ranks_train_together(student_dir, service_url, tmp_path):
     assert state["step"] == 2 and len(state["rng"]) == 2
     # The two ranks sampled different prompts: their saved RNG states differ.
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_a_run_leaves_as_a_hugging_face_model(student_dir, service_url, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = train_main(_config(student_dir, service_url, tmp_path / "run"))
+    trained = _weights(summary.checkpoint_path)
+    folder = tmp_path / "run" / "model"
+    assert (folder / "model.safetensors").is_file()
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    initial = _initial_weights(student_dir)
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial), "no weight moved"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(student_dir).get_vocab()
+    prompt = tokenizer("1 + 2 =", return_tensors="pt")
+    generated = loaded.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+    # `tokenbridge export` makes the same folder from the checkpoint alone; a folder without
+    # one is refused with the reason.
+    env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR)}
+    exported = tmp_path / "exported"
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenbridge", "export", str(tmp_path / "run"), "--out",
+         str(exported)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).state_dict()
+    assert all(torch.equal(again[k], trained[k]) for k in again)
+    refused = subprocess.run(
+        [sys.executable, "-m", "tokenbridge", "export", str(tmp_path), "--out",
+         str(tmp_path / "nothing")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "no checkpoint.pt in" in refused.stderr
+    assert not (tmp_path / "nothing").exists()

@@ -49,3 +49,36 @@ def test_training_with_the_vllm_sampler(tmp_path):
     before = AutoModelForCausalLM.from_pretrained(student).state_dict()
     after = torch.load(summary.checkpoint_path, weights_only=False)["model"]
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    _generates_in_vllm(tmp_path / "run" / "model", student)
+
+
+def _generates_in_vllm(folder, student):
+    """The run's exported model loads in vLLM with the trained weights: vLLM's log-probs of a
+    sequence are the exported model's (transformers, float32), not the untrained student's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import SamplingParams, TokensPrompt
+
+    from tokenbridge.client.vllm_sampler import VLLMSampler
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("12 + 34 = 46. The sea is calm.")["input_ids"]
+
+    def reference(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        rows = torch.log_softmax(logits, dim=-1)[:-1]
+        return rows.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+    with VLLMSampler(str(folder), tokenizer, max_model_len=256, seed=0) as sampler:
+        params = SamplingParams(max_tokens=4, prompt_logprobs=0, detokenize=False, temperature=0)
+        [output] = sampler.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False
+        )
+    served = torch.tensor(
+        [row[t].logprob for row, t in zip(output.prompt_logprobs[1:], ids[1:], strict=True)]
+    )
+    assert len(output.outputs[0].token_ids) == 4
+    trained, untrained = reference(folder), reference(student)
+    torch.testing.assert_close(served, trained, rtol=0, atol=1e-3)
+    assert (served - untrained).abs().max() > 1e-3

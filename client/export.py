@@ -1,0 +1,75 @@
+"""Students that leave as Hugging Face models: a folder that
+``AutoModelForCausalLM.from_pretrained`` and vLLM load (weights as safetensors, the model config,
+the generation config, the tokenizer).
+
+``tokenbridge train`` writes one to ``out_dir/model`` when it finishes (and at every checkpoint
+with ``--export-every-checkpoint``); ``tokenbridge export RUN --out DIR`` makes one from any
+run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenbridge.client.checkpoints import CHECKPOINT
+
+__all__ = ["MODEL_DIR", "export_checkpoint", "export_model"]
+
+#: The folder, inside a run's ``out_dir``, that holds its exported model.
+MODEL_DIR = "model"
+
+
+def export_model(model: Any, tokenizer: Any, out: Path | str) -> Path:
+    """Write ``model`` and ``tokenizer`` to the folder ``out`` as a Hugging Face model; returns it.
+
+    The folder is written beside ``out`` and renamed into place, so a crash never leaves half a
+    model behind and a reader never sees one; an existing ``out`` is replaced.
+    """
+    from transformers import GenerationConfig
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(str(work), safe_serialization=True)
+        if not (work / "generation_config.json").exists():
+            # vLLM and ``generate`` read their defaults (end-of-text ids) from it.
+            GenerationConfig.from_model_config(model.config).save_pretrained(str(work))
+        tokenizer.save_pretrained(str(work))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def export_checkpoint(run_dir: Path | str, out: Path | str, student: str = "") -> Path:
+    """The Hugging Face folder ``out`` of the checkpoint in ``run_dir`` (``checkpoint.pt``): the
+    student it names (or ``student``, a folder or hub name, for checkpoints that name none) with
+    the checkpoint's weights. Raises ``FileNotFoundError`` or ``ValueError`` saying what is
+    missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CHECKPOINT} in {run_dir}: give the out_dir of a training run")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    base = student or state.get("student", "")
+    if not base:
+        raise ValueError(
+            f"{path} does not name its student (written before 2026-12-07): pass --student, the "
+            "folder or hub name the run trained"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.load_state_dict(state["model"])
+    return export_model(model, tokenizer, out)
