@@ -9,15 +9,13 @@ run's checkpoint.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tokenbridge.client.checkpoints import CHECKPOINT
+from tokenbridge.shared.cache import folder_in_place
 
 __all__ = ["MODEL_DIR", "export_checkpoint", "export_model"]
 
@@ -35,21 +33,13 @@ def export_model(model: Any, tokenizer: Any, out: Path | str) -> Path:
 
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with folder_in_place(out) as work:
         model.save_pretrained(str(work), safe_serialization=True)
         if not (work / "generation_config.json").exists():
             # vLLM and ``generate`` read their defaults (end-of-text ids) from it.
             GenerationConfig.from_model_config(model.config).save_pretrained(str(work))
         tokenizer.save_pretrained(str(work))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def export_checkpoint(run_dir: Path | str, out: Path | str, student: str = "") -> Path:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,24 @@ import numpy as np
 from tokenbridge.shared.tables import PairTable, build_pair_table
 from tokenbridge.shared.vocab import VOCAB_FORMAT, Vocab, build_vocab
 
-__all__ = ["TableCache", "tokenizer_fingerprint"]
+__all__ = ["TableCache", "folder_in_place", "tokenizer_fingerprint"]
+
+
+@contextmanager
+def folder_in_place(folder: Path | str) -> Iterator[Path]:
+    """A fresh folder beside ``folder`` to write into; when the block ends without error it
+    replaces ``folder`` (renamed into place), and otherwise it is removed. So a crash never leaves
+    half a folder behind, and ``folder`` holds either the old contents or the new."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        yield work
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(work, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -9,14 +9,12 @@ skipped when the folder already holds a model built with the same settings.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenbridge.hub import load_tokenizer
+from tokenbridge.shared.cache import folder_in_place
 
 __all__ = ["TinyModelSpec", "build_tiny_model"]
 
@@ -97,15 +95,8 @@ def build_tiny_model(
     tokenizer = load_tokenizer(spec.tokenizer, cache_dir)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(_config(spec, tokenizer))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with folder_in_place(folder) as workdir:
         model.save_pretrained(str(workdir))
         tokenizer.save_pretrained(str(workdir))
         (workdir / _SPEC_FILE).write_text(json.dumps(asdict(spec), sort_keys=True))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(workdir, folder)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return folder

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenbridge.research.task import Problem, corrupted_example, student_example
+from tokenbridge.shared.cache import folder_in_place
 from tokenbridge.tinymodels import TinyModelSpec, build_tiny_model
 
 __all__ = ["Example", "FitSpec", "StopRule", "fit_model", "fit_task_model"]
@@ -181,22 +180,19 @@ def fit_model(
     marker = folder / _FIT_FILE
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        build_tiny_model(spec, workdir / "init", cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(workdir / "init"))
-        model = AutoModelForCausalLM.from_pretrained(str(workdir / "init"), dtype=torch.float32)
+    with (
+        folder_in_place(folder) as out,
+        tempfile.TemporaryDirectory(prefix=f".{folder.name}-init-", dir=out.parent) as scratch,
+    ):
+        init = Path(scratch) / "init"
+        build_tiny_model(spec, init, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(init))
+        model = AutoModelForCausalLM.from_pretrained(str(init), dtype=torch.float32)
         clean, corrupted = examples(tokenizer)
         model = _fit(model, tokenizer, clean, corrupted, fit, progress, desc, stop)
-        model.save_pretrained(str(workdir / "model"))
-        tokenizer.save_pretrained(str(workdir / "model"))
-        (workdir / "model" / _FIT_FILE).write_text(json.dumps(settings))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(workdir / "model", folder)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        (out / _FIT_FILE).write_text(json.dumps(settings))
     return folder
 
 
