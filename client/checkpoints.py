@@ -50,9 +50,11 @@ def _gather(value: Any, world: int) -> list[Any]:
 def write_checkpoint(
     path: Path, model: Any, optimiser: Any, scheduler: Any, step: int, stream: PromptStream,
     pipeline: deque[Pending], totals: dict[str, Any], rank: int, world: int, student: str = "",
+    lora: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """Write the checkpoint (rank 0), with every rank's RNG, data position and pipeline, and the
-    student (folder or hub name) whose weights it holds, for ``tokenbridge export``."""
+    student (folder or hub name) whose weights it holds with its LoRA adapters' settings, if any,
+    for ``tokenbridge export``."""
     pending = [
         {
             "rollout": p.rollout.to_state(),
@@ -78,6 +80,7 @@ def write_checkpoint(
             "step": step,
             "totals": dict(totals),
             "student": student,
+            "lora": lora,
             "format": 1,
         },
     )

@@ -173,6 +173,20 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={"help": "student device"})
     out_dir: Path = field(default=Path("runs/student"), metadata={"help": "checkpoints, metrics"})
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank: train low-rank adapters (peft) and freeze the student's weights "
+            "(0: train every weight)"
+        },
+    )
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA alpha: the adapters' update is scaled by alpha / r"}
+    )
+    lora_target_modules: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "modules the adapters wrap (none: peft's default for the architecture)"},
+    )
     export_every_checkpoint: bool = field(
         default=False,
         metadata={
@@ -184,13 +198,30 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from out_dir's checkpoint"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """The LoRA adapters' settings (rank, alpha, target modules), or ``None`` without LoRA."""
+        if not self.lora_r:
+            return None
+        return {"r": self.lora_r, "alpha": self.lora_alpha,
+                "target_modules": list(self.lora_target_modules)}  # fmt: skip
+
     def __post_init__(self) -> None:
         teachers = (self.teachers,) if isinstance(self.teachers, str) else self.teachers
         object.__setattr__(self, "teachers", tuple(teachers))
         object.__setattr__(self, "teacher_weights", tuple(self.teacher_weights))
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
         problems = []
         if self.sampler not in ("transformers", "vllm"):
             problems.append(f"sampler must be transformers or vllm; got {self.sampler!r}")
+        if self.lora_r < 0 or self.lora_alpha < 1:
+            problems.append(
+                f"lora_r must be >= 0 and lora_alpha >= 1; got {self.lora_r} and {self.lora_alpha}"
+            )
+        if self.lora_r and self.sampler == "vllm":
+            # The vLLM sampler syncs the student's full weights by their names; a peft model's
+            # differ. Merging the adapters every step would cost what LoRA saves.
+            problems.append("LoRA (lora_r > 0) samples with the transformers sampler only")
         if self.loss not in LOSSES:
             problems.append(f"loss must be one of {LOSSES}; got {self.loss!r}")
         if not self.teacher_urls:

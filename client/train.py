@@ -52,6 +52,7 @@ from tokenbridge.client.fanout import (
     usage_flops,
     usage_tokens,
 )
+from tokenbridge.client.lora import with_adapters
 from tokenbridge.client.metrics import METRICS, metrics_writer
 from tokenbridge.client.rollout import Prompt, Rollout, sample, wire_prompt
 from tokenbridge.client.routing import TeacherRouter
@@ -143,7 +144,7 @@ def _save_run(run: _Run, pipeline: _RolloutPipeline) -> None:
     cfg = run.cfg
     write_checkpoint(
         run.checkpoint_path, run.model, run.optimiser, run.scheduler, run.step, run.stream,
-        pipeline.queue, run.totals, run.rank, run.world, cfg.student,
+        pipeline.queue, run.totals, run.rank, run.world, cfg.student, cfg.lora,
     )  # fmt: skip
     if run.rank == 0 and (run.step == cfg.steps or cfg.export_every_checkpoint):
         export_model(run.model, run.tokenizer, cfg.out_dir / MODEL_DIR)
@@ -203,7 +204,9 @@ def _set_up(cfg: TrainConfig) -> _Run:
     tokenizer, model = _load_student(cfg)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     assert cfg.learning_rate is not None  # TrainConfig fills in the loss's default
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    # Only what trains (all weights, or the LoRA adapters) gets optimiser state.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
     warmup = max(1, cfg.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: min(1.0, (step + 1) / warmup)
@@ -254,6 +257,8 @@ def _load_student(cfg: TrainConfig) -> tuple[Any, Any]:
         raise ValueError("no student given: pass --student PATH_OR_HUB")
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+    if cfg.lora is not None:
+        model = with_adapters(model, cfg.lora)
     # transformers types ``PreTrainedModel.to`` through a decorator that mypy misreads.
     return tokenizer, model.to(cfg.device)  # type: ignore[arg-type]
 

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--student", default="",
         help="the student the run trained (folder or hub name), for checkpoints that name none",
     )  # fmt: skip
+    export.add_argument(
+        "--merge", action="store_true",
+        help="a LoRA run: merge the adapters into the weights (a plain model, for vLLM)",
+    )  # fmt: skip
 
     plot = commands.add_parser("plot", help="draw training curves (metrics.jsonl) to a PNG")
     plot.add_argument("metrics", type=Path, nargs="+", help="metrics.jsonl file(s) of runs")
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         from tokenbridge.client.export import export_checkpoint
 
         try:
-            print(export_checkpoint(args.run, args.out, args.student))
+            print(export_checkpoint(args.run, args.out, args.student, args.merge))
         except (FileNotFoundError, ValueError) as error:
             _subparser(parser, "export").error(str(error))
         return 0

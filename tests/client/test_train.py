@@ -248,3 +248,69 @@ def test_a_run_leaves_as_a_hugging_face_model(student_dir, service_url, tmp_path
     )  # fmt: skip
     assert refused.returncode == 2 and "no checkpoint.pt in" in refused.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+def _lora(student_dir, service_url, out_dir, **overrides):
+    return _config(student_dir, service_url, out_dir, lora_r=4, lora_alpha=8, **overrides)
+
+
+def test_a_lora_run_trains_only_its_adapters_resumes_exactly_and_merges(
+    student_dir, service_url, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    straight = train_main(_lora(student_dir, service_url, tmp_path / "straight", steps=4))
+    train_main(_lora(student_dir, service_url, tmp_path / "split", steps=2))
+    split = _lora(student_dir, service_url, tmp_path / "split", steps=4)
+    resumed = train_main(dataclasses.replace(split, resume=True))
+    state = torch.load(straight.checkpoint_path, weights_only=False)
+    a, b = state["model"], _weights(resumed.checkpoint_path)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert state["lora"] == {"r": 4, "alpha": 8, "target_modules": []}
+
+    # The student's own weights are where they started; the adapters moved (B starts at zero).
+    initial = _initial_weights(student_dir)
+    adapters = {k: v for k, v in a.items() if "lora_" in k}
+    assert adapters and all(k.endswith(("lora_A.default.weight", "lora_B.default.weight"))
+                            for k in adapters)  # fmt: skip
+    assert any(v.abs().max() > 0 for k, v in adapters.items() if "lora_B" in k)
+    for name, value in a.items():
+        if "lora_" in name:
+            continue
+        plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(value, initial[plain]), name
+    # Only the adapters have optimiser state.
+    assert len(state["optimiser"]["state"]) == len(adapters)
+
+    # The run's folder is its adapter; `tokenbridge export --merge` a plain model whose
+    # outputs are the LoRA model's.
+    assert (tmp_path / "straight" / "model" / "adapter_config.json").is_file()
+    env = {**os.environ, "TOKENBRIDGE_CACHE": str(CACHE_DIR)}
+    merged_dir = tmp_path / "merged"
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenbridge", "export", str(tmp_path / "straight"), "--out",
+         str(merged_dir), "--merge"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (merged_dir / "adapter_config.json").exists()
+    from peft import AutoPeftModelForCausalLM
+
+    lora_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "straight" / "model")
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    untrained = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28723]])
+    with torch.no_grad():
+        want = lora_model(input_ids=ids).logits
+        got = plain(input_ids=ids).logits
+        before = untrained(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - before).abs().max() > 1e-4
+
+
+def test_lora_settings_are_checked():
+    with pytest.raises(ValueError, match="lora_r must be >= 0"):
+        TrainConfig(student="s", teacher_urls=("http://t",), lora_r=-1)
+    with pytest.raises(ValueError, match="transformers sampler only"):
+        TrainConfig(student="s", teacher_urls=("http://t",), lora_r=8, sampler="vllm")

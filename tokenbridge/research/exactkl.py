@@ -299,6 +299,7 @@ class StepCheck:
         from transformers import AutoModelForCausalLM
 
         from tokenbridge.client.config import TrainConfig
+        from tokenbridge.client.lora import merged, with_adapters
         from tokenbridge.client.train import main
 
         self._runs += 1
@@ -311,7 +312,12 @@ class StepCheck:
         settings.setdefault("checkpoint_every", settings.get("steps", 20))
         summary = main(TrainConfig(**settings))
         model = AutoModelForCausalLM.from_pretrained(str(self.students[pair]), dtype=torch.float32)
-        model.load_state_dict(torch.load(summary.checkpoint_path, weights_only=False)["model"])
+        state = torch.load(summary.checkpoint_path, weights_only=False)
+        if state.get("lora"):  # a LoRA run: its adapters, merged into the warm start
+            model = with_adapters(model, state["lora"])
+            model.load_state_dict(state["model"])
+            return merged(model).eval()
+        model.load_state_dict(state["model"])
         return model.eval()
 
     def close(self) -> None:
