@@ -233,6 +233,7 @@ def test_position_baseline_matches_the_naive_formula():
             assert got[b, t] == pytest.approx(want, rel=1e-10)
 
 
+@pytest.mark.slow  # thousands of sampled gradients
 def test_baselines_cut_the_variance_of_the_sampled_gradient_and_keep_its_mean():
     """One position, a known student and teacher: the exact gradient of KL(π‖p) beside the
     sampled estimate, with and without baselines, over many draws."""

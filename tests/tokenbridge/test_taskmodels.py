@@ -35,6 +35,7 @@ def fitted(tmp_path_factory):
     return fit_task_model(SPEC, fit, train, folder, CACHE_DIR, progress=False), fit, train
 
 
+@pytest.mark.slow  # fits a model
 def test_unused_rows_stay_zero_and_used_rows_learn(fitted):
     folder, fit, train = fitted
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -45,6 +46,7 @@ def test_unused_rows_stay_zero_and_used_rows_learn(fitted):
     assert nonzero == set(used)
 
 
+@pytest.mark.slow  # fits a model
 def test_the_fitted_model_predicts_its_examples_over_the_whole_vocabulary(fitted):
     folder, _, train = fitted
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -58,6 +60,7 @@ def test_the_fitted_model_predicts_its_examples_over_the_whole_vocabulary(fitted
     assert float(nll) < 0.5 * math.log(len(tokenizer))
 
 
+@pytest.mark.slow  # fits a model
 def test_a_fitted_folder_is_reused_only_with_the_same_settings(fitted, tmp_path):
     folder, fit, train = fitted
     marker = folder / "tokenbridge-fit.json"
@@ -80,6 +83,7 @@ def _unused_mass(folder, problems, used):
     return sum(masses) / len(masses)
 
 
+@pytest.mark.slow  # fits a model
 def test_pushing_unused_rows_down_takes_their_mass_and_leaves_the_task(fitted, tmp_path):
     folder, fit, train = fitted
     pushed_fit = FitSpec(**{**fit.__dict__, "unused_steps": 30})
@@ -105,6 +109,7 @@ def _stop_at(target, every, problems, scores):
     return StopRule(score, target, every, key={"test": "greedy accuracy", "target": target})
 
 
+@pytest.mark.slow  # fits a model
 def test_a_stop_rule_ends_the_fit_at_the_first_check_that_reaches_its_target(tmp_path):
     train, _ = split_problems(1, 10, seed=0)
     fit = FitSpec(steps=300, batch_size=8, learning_rate=3e-3, examples=40, unused_steps=5)
@@ -124,6 +129,7 @@ def test_a_stop_rule_ends_the_fit_at_the_first_check_that_reaches_its_target(tmp
     assert json.loads((folder / "tokenbridge-fit.json").read_text())["stop"]["target"] == 0.05
 
 
+@pytest.mark.slow  # fits a model
 def test_a_stop_rule_short_of_its_target_keeps_the_longest_fit_and_says_so(tmp_path):
     train, _ = split_problems(1, 10, seed=0)
     fit = FitSpec(steps=30, batch_size=8, learning_rate=3e-3, examples=40)
