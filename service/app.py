@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenbridge.service import openapi
+from tokenbridge.service.completions import FACE_PREFIX, is_face_path
 from tokenbridge.service.config import DEFAULT_TEACHER, NO_TEACHER, ServiceConfig
 from tokenbridge.service.core import TeacherService
 from tokenbridge.service.engines.base import TeacherEngine
@@ -29,7 +31,7 @@ from tokenbridge.service.errors import QuotaExceededError, ServiceError, Unproce
 from tokenbridge.service.http import KeyGate, http_code, response_encoding
 from tokenbridge.service.routes import ROUTERS
 from tokenbridge.shared import responses
-from tokenbridge.shared.codec import JSON, pack
+from tokenbridge.shared.codec import JSON, MSGPACK, pack
 
 __all__ = ["create_app"]
 
@@ -39,10 +41,28 @@ logger = logging.getLogger("tokenbridge.service.http")
 # -- error mapping: the one place errors become HTTP -------------------------------------------
 
 
-def _error_response(request: Request, error: ServiceError) -> Response:
+def _error_body(request: Request, error: ServiceError) -> Any:
+    """The refusal's body: ours, or on the vLLM face vLLM's (its clients read that)."""
+    if is_face_path(request.url.path):
+        phrase = http.HTTPStatus(error.status).phrase.replace(" ", "")
+        face: responses.VllmErrorBody = {
+            "error": {
+                "message": error.message,
+                "type": phrase if phrase.endswith("Error") else phrase + "Error",
+                "param": error.param,
+                "code": error.status,
+            }
+        }
+        return face
     body: responses.ErrorBody = {"error": {"code": error.code, "message": error.message}}
+    return body
+
+
+def _error_response(request: Request, error: ServiceError) -> Response:
+    body = _error_body(request, error)
+    default = JSON if is_face_path(request.url.path) else MSGPACK
     try:
-        encoding = response_encoding(request)
+        encoding = response_encoding(request, default)
     except ServiceError:
         encoding = JSON
     metrics = request.app.state.service.metrics
@@ -88,9 +108,13 @@ async def _on_unexpected(request: Request, error: Exception) -> Response:
 def _route_label(path: str) -> str:
     if path.startswith("/v1/tokenizers/"):
         return "/v1/tokenizers/{id}"
+    if path.startswith(FACE_PREFIX + "/"):
+        tail = path.split("/", 4)[4:]
+        known_tail = tail and tail[0] in ("health", "v1/models", "v1/completions")
+        return f"{FACE_PREFIX}/{{teacher}}/{{student}}/{tail[0] if known_tail else '...'}"
     known = {
         "/healthz", "/readyz", "/metrics", "/v1/info", "/v1/tokenizers", "/v1/score",
-        "/v1/generate",
+        "/v1/generate", "/v1/models", "/v1/completions",
     }  # fmt: skip
     return path if path in known else "other"
 

@@ -39,9 +39,11 @@ class ServiceError(Exception):
     status = 500
     code = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: The request field at fault, where one is (the vLLM face's errors name it).
+        self.param = param
 
     @property
     def headers(self) -> dict[str, str]:

@@ -9,6 +9,8 @@ msgpack.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import http
 from collections.abc import Awaitable, Iterator
@@ -35,6 +37,7 @@ from tokenbridge.service.teacher import Teacher
 from tokenbridge.shared import responses
 from tokenbridge.shared.codec import JSON, MSGPACK, MSGPACK_TYPES, body_encoding, pack, unpack
 from tokenbridge.shared.errors import CodecError
+from tokenbridge.shared.protocol import FieldValueError
 
 __all__ = [
     "KeyGate",
@@ -80,21 +83,28 @@ def request_encoding(request: Request) -> str:
     return encoding
 
 
-def response_encoding(request: Request) -> str:
-    """The answer's encoding: what ``Accept`` names, else the body's, else msgpack."""
+def response_encoding(request: Request, default: str = MSGPACK) -> str:
+    """The answer's encoding: what ``Accept`` names, else the body's, else ``default``
+    (msgpack; JSON on the vLLM face, whose clients read JSON without asking for it)."""
     accept = request.headers.get("accept", "").lower()
     wants_json = JSON in accept
     wants_msgpack = any(t in accept for t in MSGPACK_TYPES)
     if wants_json != wants_msgpack:
         return JSON if wants_json else MSGPACK
-    return body_encoding(request.headers.get("content-type")) or MSGPACK
+    header = request.headers.get("content-type")
+    return (body_encoding(header) if header else None) or default
 
 
 def respond(
-    request: Request, value: Any, status: int = 200, headers: dict[str, str] | None = None
+    request: Request,
+    value: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    default: str = MSGPACK,
 ) -> Response:
-    """``value`` encoded as the caller asked, its size counted."""
-    encoding = response_encoding(request)
+    """``value`` encoded as the caller asked (``default`` when it does not say), its size
+    counted."""
+    encoding = response_encoding(request, default)
     body = pack(value, encoding)
     service_of(request).metrics.payload_bytes.labels("out").observe(len(body))
     return Response(body, status_code=status, media_type=encoding, headers=headers)
@@ -131,7 +141,16 @@ async def parse(request: Request, model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate(value)
     except ValidationError as error:
-        raise UnprocessableError(_validation_message(error)) from None
+        raise UnprocessableError(_validation_message(error), _faulty_field(error)) from None
+
+
+def _faulty_field(error: ValidationError) -> str | None:
+    """The top-level field the first validation error is about, where it names one."""
+    first = error.errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, FieldValueError):
+        return cause.field
+    return str(first["loc"][0]) if first["loc"] else None
 
 
 def _validation_message(error: ValidationError) -> str:
@@ -169,11 +188,10 @@ class KeyGate:
         without a key, 403 with a wrong one."""
         if not self.key_hashes:
             return None
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        key = _presented_key(request.headers.get("authorization", ""))
+        if not key:
             raise UnauthorizedError("this route needs an API key: send 'Authorization: Bearer KEY'")
-        digest = hash_api_key(key.strip())
+        digest = hash_api_key(key)
         if not any(hmac.compare_digest(digest, known) for known in self.key_hashes):
             raise ForbiddenError("the API key is not valid")
         request.scope["state"]["key_id"] = key_id(digest)
@@ -206,6 +224,22 @@ class KeyGate:
             "tokens_left": None if balance is None else max(0, int(balance)),
             "max_requests_in_flight": self.max_requests_in_flight,
         }
+
+
+def _presented_key(header: str) -> str:
+    """The key of an ``Authorization`` header: ``Bearer KEY``, or Basic credentials whose
+    password is the key (what a client sends for a URL ``http://user:KEY@host/...``: TRL's
+    ``VLLMClient`` can send no other header); empty when there is none."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2].strip()
+    return ""
 
 
 async def authorise(request: Request) -> None:

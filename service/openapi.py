@@ -22,19 +22,28 @@ from fastapi import FastAPI
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
+from tokenbridge.shared.protocol import (
+    COMPLETION_NEUTRAL_FIELDS,
+    CompletionRequest,
+    GenerateRequest,
+    RegisterTokenizerRequest,
+    ScoreRequest,
+)
 from tokenbridge.shared.responses import (
     RESPONSE_TYPES,
+    CompletionResponse,
     Deleted,
     ErrorBody,
     GenerateResponse,
     Health,
     Info,
+    ModelList,
     Readiness,
     Registration,
     ScoreResponse,
     StudentDescription,
     StudentList,
+    VllmErrorBody,
 )
 
 __all__ = ["install", "operation"]
@@ -42,13 +51,14 @@ __all__ = ["install", "operation"]
 _COMPONENTS = "#/components/schemas/"
 _ENCODINGS = ("application/json", "application/msgpack")
 
-_REQUEST_MODELS = (ScoreRequest, GenerateRequest, RegisterTokenizerRequest)
+_REQUEST_MODELS = (ScoreRequest, GenerateRequest, RegisterTokenizerRequest, CompletionRequest)
+_PAIR = "/vllm/{teacher}/{student_id}"
 
 _ERROR_TEXT = {
     400: "the body is not valid msgpack/JSON, is empty, or a typed array lies about its size",
     401: "no API key: send 'Authorization: Bearer KEY'",
     403: "the API key is not valid",
-    404: "no such student tokenizer, or no such teacher (code unknown_teacher)",
+    404: "no such student tokenizer, or no such teacher (code unknown_teacher), or model",
     413: "the body or the tokens it needs exceed a limit (the message names it)",
     415: "a content type other than application/msgpack or application/json",
     422: "the body decodes but asks for something invalid (the message says what)",
@@ -97,6 +107,26 @@ _ROUTES: dict[tuple[str, str], tuple[str, type | None, dict[int, type | None], t
         {200: GenerateResponse},
         (*_BODY, 404, 429, 504),
     ),
+    ("GET", "/v1/models"): (
+        "Every (teacher, student) pair, as vLLM models",
+        None,
+        {200: ModelList},
+        (),
+    ),
+    ("POST", "/v1/completions"): (
+        "vLLM's prompt_logprobs over the student's vocabulary",
+        CompletionRequest,
+        {200: CompletionResponse},
+        (*_BODY, 404, 429, 504),
+    ),
+    ("GET", _PAIR + "/health"): ("The pair's vLLM health check", None, {200: None}, (404,)),
+    ("GET", _PAIR + "/v1/models"): ("The pair as a vLLM model", None, {200: ModelList}, (404,)),
+    ("POST", _PAIR + "/v1/completions"): (
+        "vLLM's prompt_logprobs over the student's vocabulary, for the pair",
+        CompletionRequest,
+        {200: CompletionResponse},
+        (*_BODY, 404, 429, 504),
+    ),
 }
 
 
@@ -108,9 +138,13 @@ def _content(schema_name: str) -> dict[str, Any]:
 def operation(method: str, path: str) -> dict[str, Any]:
     """The ``openapi_extra`` of one guarded route: body, parameters, answers and security."""
     summary, model, successes, errors = _ROUTES[(method, path)]
+    face = path.startswith("/vllm/") or path in ("/v1/models", "/v1/completions")
+    refusal = (VllmErrorBody if face else ErrorBody).__name__
     responses: dict[str, Any] = {}
     for status, answer in successes.items():
-        if answer is None:  # /metrics
+        if answer is None and path.endswith("/health"):
+            content = {}
+        elif answer is None:  # /metrics
             content = {"text/plain": {"schema": _STRING}}
         elif path == "/readyz":
             content = {"application/json": {"schema": {"$ref": _COMPONENTS + answer.__name__}}}
@@ -122,7 +156,7 @@ def operation(method: str, path: str) -> dict[str, Any]:
         if str(status) not in responses:
             responses[str(status)] = {
                 "description": _ERROR_TEXT[status],
-                "content": _content(ErrorBody.__name__),
+                "content": _content(refusal),
             }
     extra: dict[str, Any] = {
         "summary": summary,
@@ -148,13 +182,26 @@ def operation(method: str, path: str) -> dict[str, Any]:
         ]
     if "{student_id}" in path:
         extra["parameters"] = [
+            *(
+                [
+                    {
+                        "name": "teacher",
+                        "in": "path",
+                        "required": True,
+                        "description": "a teacher of the service (GET /v1/info lists them)",
+                        "schema": _STRING,
+                    }
+                ]
+                if "{teacher}" in path
+                else []
+            ),
             {
                 "name": "student_id",
                 "in": "path",
                 "required": True,
                 "description": "the id POST /v1/tokenizers answered",
                 "schema": _STRING,
-            }
+            },
         ]
     return extra
 
@@ -207,6 +254,27 @@ def _component_schemas(limits: dict[str, int]) -> dict[str, Any]:
     generate["prompts"]["items"] = {"$ref": _COMPONENTS + "GenerationPrompt"}
     generate["prompts"]["maxItems"] = limits["max_sequences"]
     generate["max_tokens"]["anyOf"][0]["maximum"] = limits["max_generate_tokens"]
+    completion = schemas["CompletionRequest"]
+    completion["required"] = ["prompt", "prompt_logprobs", "max_tokens"]
+    fields = completion["properties"]
+    fields["prompt_logprobs"] = {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": limits["max_top_k"],
+        "description": fields["prompt_logprobs"]["description"],
+    }
+    fields["max_tokens"] = {
+        "type": "integer",
+        "enum": [0, 1],
+        "description": "the face generates nothing (vLLM's default of 16 is refused)",
+    }
+    for name, neutral in COMPLETION_NEUTRAL_FIELDS.items():
+        fields[name] = {
+            "enum": list(neutral),
+            "description": "vLLM's field, accepted only where it changes nothing here",
+        }
+    fields["prompt"]["items"]["minItems"] = 1
+    fields["prompt"]["maxItems"] = limits["max_sequences"]
     _, answers = TypeAdapter.json_schemas(
         [(answer, "serialization", TypeAdapter(answer)) for answer in RESPONSE_TYPES],
         ref_template=_COMPONENTS + "{model}",

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tokenbridge.service import openapi
+from tokenbridge.service import completions, openapi
 from tokenbridge.service.core import TeacherService
-from tokenbridge.service.errors import UnprocessableError
+from tokenbridge.service.errors import NotReadyError, UnprocessableError
 from tokenbridge.service.http import (
     authorise,
     gate_of,
@@ -30,7 +30,13 @@ from tokenbridge.service.http import (
 )
 from tokenbridge.service.teacher import Teacher
 from tokenbridge.shared import responses
-from tokenbridge.shared.protocol import GenerateRequest, RegisterTokenizerRequest, ScoreRequest
+from tokenbridge.shared.codec import JSON
+from tokenbridge.shared.protocol import (
+    CompletionRequest,
+    GenerateRequest,
+    RegisterTokenizerRequest,
+    ScoreRequest,
+)
 
 __all__ = ["ROUTERS"]
 
@@ -161,13 +167,16 @@ AnswerT = TypeVar("AnswerT", responses.ScoreResponse, responses.GenerateResponse
 
 async def _teach(
     request: Request,
-    model: type[BodyT],
+    model: type[BodyT] | BodyT,
     work: Callable[[TeacherService, BodyT, Teacher], Awaitable[AnswerT]],
+    teacher: Teacher | None = None,
 ) -> tuple[Teacher, AnswerT]:
-    """A teaching request's common path: parse, resolve the teacher once, run ``work`` under the
-    caller's quota and the deadline, charge the teacher tokens it reports."""
-    body = await parse(request, model)
-    teacher = teacher_for(request, body.teacher)
+    """A teaching request's common path: parse (unless ``model`` is the body already), resolve
+    the teacher once, run ``work`` under the caller's quota and the deadline, charge the
+    teacher tokens it reports."""
+    body = await parse(request, model) if isinstance(model, type) else model
+    if teacher is None:
+        teacher = teacher_for(request, body.teacher)
     service, gate = service_of(request), gate_of(request)
     with gate.hold(request):
         result = await until_disconnect(
@@ -196,5 +205,76 @@ async def generate(request: Request) -> Response:
     return respond(request, result)
 
 
+# -- the vLLM-compatible face (docs/vllm-face.md) ----------------------------------------------
+
+vllm_face = APIRouter(dependencies=[Depends(authorise)])
+_PAIR = completions.FACE_PREFIX + "/{teacher}/{student_id}"
+
+
+def _pair_of(request: Request) -> completions.PairModel:
+    """The pair a base URL names."""
+    params = request.path_params
+    teacher_for(request, params["teacher"])
+    return completions.resolve_pair(service_of(request), params["teacher"], params["student_id"])
+
+
+async def _complete(request: Request, base: completions.PairModel | None) -> Response:
+    """Score the body's ids as ``/v1/score`` would and answer in vLLM's layout; keys, quotas,
+    admission, deadline and metrics as for ``/v1/score``."""
+    body = await parse(request, CompletionRequest)
+    service = service_of(request)
+    pair = completions.resolve_model(service, body.model, base)
+    teacher = teacher_for(request, pair.teacher.name)
+    scoring = completions.score_request(body, pair)
+    _, scored = await _teach(request, scoring, TeacherService.score, teacher)
+    request_id = request.scope["state"].get("request_id") or completions.new_request_id()
+    answer = await asyncio.to_thread(completions.answer, body, pair, scored, request_id)
+    return respond(request, answer, default=JSON)
+
+
+@vllm_face.get("/v1/models", **_documented("GET", "/v1/models"))
+async def list_models(request: Request) -> Response:
+    """Every (teacher, student) pair as a vLLM model."""
+    pairs = completions.pair_models(service_of(request))
+    listed: responses.ModelList = {
+        "object": "list",
+        "data": [completions.model_card(pair) for pair in pairs],
+    }
+    return respond(request, listed, default=JSON)
+
+
+@vllm_face.post("/v1/completions", **_documented("POST", "/v1/completions"))
+async def complete(request: Request) -> Response:
+    """vLLM's ``prompt_logprobs`` over the student's vocabulary, for the pair ``model`` names."""
+    return await _complete(request, None)
+
+
+@vllm_face.get(_PAIR + "/health", **_documented("GET", _PAIR + "/health"))
+async def pair_health(request: Request) -> Response:
+    """200 (empty) while the pair's teacher accepts work, as ``vllm serve``'s ``/health``;
+    503 while it does not; 404 for an unknown teacher or student."""
+    pair = _pair_of(request)
+    ready, state = pair.teacher.readiness()
+    if not ready:
+        raise NotReadyError(f"teacher {pair.teacher.name!r} is {state}")
+    return Response(status_code=200)
+
+
+@vllm_face.get(_PAIR + "/v1/models", **_documented("GET", _PAIR + "/v1/models"))
+async def pair_models(request: Request) -> Response:
+    """The pair, as the one model of a single-model server."""
+    listed: responses.ModelList = {
+        "object": "list",
+        "data": [completions.model_card(_pair_of(request))],
+    }
+    return respond(request, listed, default=JSON)
+
+
+@vllm_face.post(_PAIR + "/v1/completions", **_documented("POST", _PAIR + "/v1/completions"))
+async def pair_complete(request: Request) -> Response:
+    """``/v1/completions`` for the pair of the base URL."""
+    return await _complete(request, _pair_of(request))
+
+
 #: Every router, in the order the app mounts them.
-ROUTERS = (health, watched, tokenizers, teaching)
+ROUTERS = (health, watched, tokenizers, teaching, vllm_face)

@@ -31,11 +31,14 @@ from tokenbridge.shared.responses import ScoredSequenceWire
 
 __all__ = [
     "API_VERSION",
+    "COMPLETION_NEUTRAL_FIELDS",
     "DEFAULT_TEACHER",
     "GREEDY_BELOW_TEMPERATURE",
     "MAX_CANDIDATES",
     "SCORE_ARRAY_DTYPES",
     "TEACHER_NAME",
+    "CompletionRequest",
+    "FieldValueError",
     "GenerateRequest",
     "Message",
     "Prompt",
@@ -282,6 +285,201 @@ class RegisterTokenizerRequest(_Model):
                 f"give exactly one of 'path', 'hub' or 'tokenizer_json'; got {given or 'none'}"
             )
         return self
+
+
+#: vLLM's other ``/v1/completions`` fields (vLLM 0.32), each with the values that change nothing
+#: the vLLM-compatible face answers: they only steer sampling or streaming, and the face samples
+#: nothing. Any other value is refused by name rather than silently ignored.
+COMPLETION_NEUTRAL_FIELDS: dict[str, tuple[Any, ...]] = {
+    "echo": (False, None),
+    "stream": (False, None),
+    "stream_options": (None,),
+    "n": (1,),
+    "best_of": (1, None),
+    "logprobs": (None,),
+    "suffix": (None,),
+    "use_beam_search": (False,),
+    "frequency_penalty": (None, 0.0),
+    "presence_penalty": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "length_penalty": (1.0,),
+    "logit_bias": (None, {}),
+    "stop": (None, [], ""),
+    "stop_token_ids": (None, []),
+    "include_stop_str_in_output": (False,),
+    "ignore_eos": (False,),
+    "min_tokens": (0,),
+    "top_p": (None, 1.0),
+    "top_k": (None, -1, 0),
+    "min_p": (None, 0.0),
+    "watermarking": (None, False),
+    "truncate_prompt_tokens": (None,),
+    "truncation_side": (None,),
+    "allowed_token_ids": (None,),
+    "logprob_token_ids": (None, []),
+    "bad_words": (None, []),
+    "prompt_embeds": (None,),
+    "response_format": (None,),
+    "structured_outputs": (None,),
+    "priority": (0,),
+    "return_token_ids": (None, False),
+    "return_token_offsets": (None, False),
+    "routed_experts_prompt_start": (0,),
+    "mm_payload": ("tensors", "none"),
+    "return_mm_kwargs": (None, False),
+    "kv_transfer_params": (None,),
+    "ec_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "repetition_detection": (None,),
+    "thinking_token_budget": (None,),
+    "stream_interval": (None,),
+}
+
+
+class FieldValueError(ValueError):
+    """A request value that is wrong, with the name of its field (vLLM's errors name it as
+    ``param``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _neutral(name: str, value: Any) -> bool:
+    """Whether ``value`` is one of the values of field ``name`` that change nothing here
+    (``True`` is not the ``1`` of ``n``; ``0`` is the ``0.0`` of a penalty)."""
+    if isinstance(value, np.ndarray):
+        return False
+    for ok in COMPLETION_NEUTRAL_FIELDS[name]:
+        if isinstance(value, bool) or isinstance(ok, bool):
+            if type(value) is type(ok) and value == ok:
+                return True
+        elif isinstance(value, (int, float)) and isinstance(ok, (int, float)):
+            if value == ok:
+                return True
+        elif type(value) is type(ok) and value == ok:
+            return True
+    return False
+
+
+def _id_prompts(value: Any) -> Any:
+    """A completion ``prompt`` as a list of id lists: one list of ids is one prompt; text is
+    refused (the face scores the student's own ids)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist() if value.ndim == 2 else [value]
+    if isinstance(value, str) or (
+        isinstance(value, list) and any(isinstance(item, str) for item in value)
+    ):
+        raise ValueError(
+            "text prompts are not accepted: send the student's token ids (a list of ids, or a "
+            "list of such lists), as vLLM's prompt_logprobs clients do"
+        )
+    if isinstance(value, list) and value and not isinstance(value[0], (list, np.ndarray)):
+        return [value]
+    return value
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions`` of the vLLM-compatible face (``docs/vllm-face.md``): score
+    student token ids the way ``vllm serve`` answers ``prompt_logprobs``, over the student's
+    vocabulary.
+
+    Honoured: ``model``, ``prompt`` (ids), ``prompt_logprobs``, ``max_tokens`` 0 or 1 (nothing is
+    generated), ``temperature`` (prompt log-probs are raw, as vLLM's default ``logprobs_mode``
+    gives them), ``seed``, ``user``, ``request_id``, ``session_id``, ``cache_salt``,
+    ``add_special_tokens``, ``skip_special_tokens``, ``spaces_between_special_tokens``,
+    ``return_tokens_as_token_ids``; the fields of ``COMPLETION_NEUTRAL_FIELDS`` at their neutral
+    values; and our extension ``prompt_logprob_token_ids``. Anything else is refused by name.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    prompt: Annotated[list[TokenIds], BeforeValidator(_id_prompts)] = Field(min_length=1)
+    prompt_logprobs: int | None = Field(
+        default=None,
+        strict=True,
+        description="how many of the teacher's most likely student tokens to give at every "
+        "position (0: only the realised token); required",
+    )
+    max_tokens: int | None = Field(default=16, strict=True)
+    temperature: Annotated[float | None, BeforeValidator(_not_an_array)] = Field(
+        default=None, ge=0.0, allow_inf_nan=False
+    )
+    seed: int | None = Field(default=None, strict=True)
+    user: str | None = None
+    request_id: str | None = Field(default=None, max_length=128)
+    session_id: str | None = None
+    cache_salt: str | None = None
+    add_special_tokens: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    return_tokens_as_token_ids: bool | None = None
+    prompt_logprob_token_ids: list[CandidateIds] | CandidateIds | None = Field(
+        default=None,
+        description="tokenbridge's extension: per prompt (one list of rows when the prompt is "
+        "one list of ids) and position, up to 64 student ids whose teacher log-prob the answer "
+        "adds to that position's prompt_logprobs, from the teacher's full row",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_neutral(cls, value: Any) -> Any:
+        """Take vLLM's other fields out of the body, refusing any that would change the answer."""
+        if not isinstance(value, dict):
+            return value
+        for name, given in value.items():
+            if name in COMPLETION_NEUTRAL_FIELDS and not _neutral(name, given):
+                allowed = " or ".join(repr(ok) for ok in COMPLETION_NEUTRAL_FIELDS[name])
+                raise FieldValueError(
+                    name,
+                    f"field {name!r} = {given!r:.60} is not supported: tokenbridge's vLLM face "
+                    f"scores the prompt and generates nothing; send {allowed} or leave it out",
+                )
+        return {k: v for k, v in value.items() if k not in COMPLETION_NEUTRAL_FIELDS}
+
+    @model_validator(mode="after")
+    def _scoring_only(self) -> CompletionRequest:
+        if self.prompt_logprobs is None:
+            raise FieldValueError(
+                "prompt_logprobs",
+                "prompt_logprobs is required: the face answers prompt log-probs and generates "
+                "nothing (send prompt_logprobs K, max_tokens 1 or 0)",
+            )
+        if self.prompt_logprobs < 0:
+            raise FieldValueError(
+                "prompt_logprobs",
+                "prompt_logprobs must be 0 or more: the full vocabulary (-1) is not given; ask "
+                "for the top K",
+            )
+        if self.max_tokens not in (0, 1):
+            raise FieldValueError(
+                "max_tokens",
+                f"max_tokens must be 0 or 1 (got {self.max_tokens}): the face generates nothing",
+            )
+        if any(len(ids) == 0 for ids in self.prompt):
+            raise FieldValueError("prompt", "every prompt needs at least one token id")
+        if self.prompt_logprob_token_ids is not None:
+            rows = self.candidate_rows()
+            if len(rows) != len(self.prompt) or any(
+                r is not None and len(r) != len(p) for r, p in zip(rows, self.prompt, strict=True)
+            ):
+                raise FieldValueError(
+                    "prompt_logprob_token_ids",
+                    "prompt_logprob_token_ids needs one list of rows per prompt and one row per "
+                    "prompt token (row 0 is ignored)",
+                )
+        return self
+
+    def candidate_rows(self) -> list[list[list[int]] | None]:
+        """``prompt_logprob_token_ids`` as one list of rows per prompt (``None``: none asked)."""
+        given = self.prompt_logprob_token_ids
+        if given is None:
+            return [None] * len(self.prompt)
+        if given and given[0] and isinstance(given[0][0], list):
+            return cast(list[list[list[int]] | None], list(given))
+        # One prompt's rows (a list of id lists); an empty list stands for one empty prompt.
+        return [cast(list[list[int]], given)]
 
 
 @dataclass(frozen=True)

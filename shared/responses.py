@@ -23,6 +23,10 @@ __all__ = [
     "RESPONSE_TYPES",
     "Alignment",
     "Completion",
+    "CompletionChoice",
+    "CompletionExtension",
+    "CompletionResponse",
+    "CompletionUsage",
     "Deleted",
     "ErrorBody",
     "ErrorDetail",
@@ -33,7 +37,10 @@ __all__ = [
     "Info",
     "KeyQuota",
     "LogprobSemantics",
+    "ModelCard",
+    "ModelList",
     "Pairing",
+    "PromptLogprob",
     "Readiness",
     "Registration",
     "ScoreResponse",
@@ -50,6 +57,8 @@ __all__ = [
     "TeacherLimits",
     "TeacherReadiness",
     "TeacherStamp",
+    "VllmErrorBody",
+    "VllmErrorDetail",
 ]
 
 _CLOSED = ConfigDict(extra="forbid")
@@ -451,6 +460,121 @@ class GenerateResponse(TypedDict):
     teacher: TeacherStamp
 
 
+# -- the vLLM-compatible face (docs/vllm-face.md): vLLM 0.32's layouts, plus ``tokenbridge`` --
+
+
+@with_config(_CLOSED)
+class ModelCard(TypedDict):
+    """One (teacher, student) pair as ``GET /v1/models`` lists it, in vLLM's fields."""
+
+    id: Annotated[str, Field(description="TEACHER@STUDENT_ID, or TEACHER for its own tokenizer")]
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: Annotated[str, Field(description="the teacher's model")]
+    parent: None
+    max_model_len: Annotated[int, Field(description="the teacher's, in teacher tokens")]
+    permission: list[Any]
+    tokenbridge: Annotated[
+        dict[str, str], Field(description="teacher, student and base_url of the pair")
+    ]
+
+
+@with_config(_CLOSED)
+class ModelList(TypedDict):
+    """``GET /v1/models``."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+@with_config(_CLOSED)
+class PromptLogprob(TypedDict):
+    """One student token's entry at one position of ``prompt_logprobs``."""
+
+    logprob: Annotated[float, Field(description="the teacher's log-prob of the student token")]
+    rank: Annotated[
+        int,
+        Field(
+            description="1..K: its place in the mapped top-K; a token outside it (the realised "
+            "one, a named candidate) ranks after every listed one: a lower bound"
+        ),
+    ]
+    decoded_token: str
+
+
+@with_config(_CLOSED)
+class CompletionChoice(TypedDict):
+    """One scored prompt; position 0 of ``prompt_logprobs`` is null, as in vLLM."""
+
+    index: int
+    text: Annotated[str, Field(description="always empty: the face generates nothing")]
+    logprobs: None
+    finish_reason: Literal["length"]
+    stop_reason: None
+    token_ids: None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None]
+    prompt_token_ids: None
+
+
+@with_config(_CLOSED)
+class CompletionUsage(TypedDict):
+    """vLLM's usage, in student tokens."""
+
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: None
+
+
+@with_config(_CLOSED)
+class CompletionExtension(TypedDict):
+    """What only tokenbridge says about a completion answer."""
+
+    teacher: TeacherStamp
+    student: str
+    chat_template: Annotated[
+        list[Literal["no_specials", "specials_matched_by_role"]],
+        Field(
+            description="per prompt: its ids hold no special token, or its specials were "
+            "matched to the teacher's by role (a conversation is not re-rendered in the "
+            "teacher's template)"
+        ),
+    ]
+    usage: ScoreUsage
+
+
+@with_config(_CLOSED)
+class CompletionResponse(TypedDict):
+    """``POST /v1/completions`` on the vLLM-compatible face."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    system_fingerprint: None
+    tokenbridge: CompletionExtension
+
+
+@with_config(_CLOSED)
+class VllmErrorDetail(TypedDict):
+    """A refusal on the vLLM face, in vLLM's fields."""
+
+    message: str
+    type: Annotated[str, Field(description="the status phrase, as vLLM writes it")]
+    param: Annotated[str | None, Field(description="the request field at fault")]
+    code: Annotated[int, Field(description="the HTTP status")]
+
+
+@with_config(_CLOSED)
+class VllmErrorBody(TypedDict):
+    """Every refusal on the vLLM face."""
+
+    error: VllmErrorDetail
+
+
 #: The answers the OpenAPI description names (their nested types come along).
 RESPONSE_TYPES: tuple[type, ...] = (
     ErrorBody,
@@ -463,4 +587,7 @@ RESPONSE_TYPES: tuple[type, ...] = (
     Deleted,
     ScoreResponse,
     GenerateResponse,
+    ModelList,
+    CompletionResponse,
+    VllmErrorBody,
 )

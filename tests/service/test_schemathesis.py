@@ -20,6 +20,7 @@ import pytest
 
 from tokenbridge.service.app import create_app
 from tokenbridge.shared.codec import MSGPACK, to_json_ready, unpack
+from tokenbridge.shared.protocol import DEFAULT_TEACHER
 
 from tests.support.fuzz import (
     API_KEY,
@@ -115,6 +116,11 @@ OPERATIONS = [
     ("DELETE", "/v1/tokenizers/{student_id}"),
     ("POST", "/v1/score"),
     ("POST", "/v1/generate"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions"),
+    ("GET", "/vllm/{teacher}/{student_id}/health"),
+    ("GET", "/vllm/{teacher}/{student_id}/v1/models"),
+    ("POST", "/vllm/{teacher}/{student_id}/v1/completions"),
 ]
 GPT2_VOCAB = 50257
 #: Examples per operation and generation mode; bodies get more.
@@ -127,7 +133,26 @@ def _steer(case: Any, student: str, mode: GenerationMode) -> None:
     own tokenizer) with ids folded into its vocabulary; generate bodies without ``max_tokens``
     get this service's maximum (the protocol's default, 128, is above it)."""
     body = case.body
-    if mode != GenerationMode.POSITIVE or not isinstance(body, dict):
+    if mode != GenerationMode.POSITIVE:
+        return
+    if case.operation.path.startswith("/vllm/") and isinstance(case.path_parameters, dict):
+        # Valid bodies go to the real pair (so its answers get checked); invalid ones meet 404.
+        case.path_parameters.update(teacher=DEFAULT_TEACHER, student_id=student)
+    if not isinstance(body, dict):
+        return
+    if case.operation.path.endswith("/v1/completions"):
+        body.pop("model", None)
+        if case.operation.path == "/v1/completions":
+            body["model"] = f"{DEFAULT_TEACHER}"  # GPT-2's own tokenizer: the teacher's name
+        prompts = body.get("prompt")
+        if isinstance(prompts, list):
+            body["prompt"] = [
+                [i % GPT2_VOCAB for i in ids]
+                if isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)
+                else ids
+                for ids in prompts
+            ]
+        body.pop("prompt_logprob_token_ids", None)
         return
     if case.operation.path == "/v1/generate":
         body.setdefault("max_tokens", MAX_GENERATE_TOKENS)
