@@ -20,16 +20,15 @@ prompt's length to the end: ``{str(id): {"logprob", "rank", ...}}``, its top-K b
 sampled token's entry by its id. ``ServerDistillationTrainer`` calls nothing else on the server
 (no weight sync, no ``/get_world_size``) and sends ``K = loss_top_k`` and its ``temperature``.
 
-Lines marked ASSUMED (face) are what these tests take the face to do where the brief of the face
-leaves a choice; change them together with the face if it chooses otherwise.
+The numbers are compared with ``/v1/score`` as ``docs/vllm-face.md`` defines the face: position
+``i`` of a sequence is row ``i`` of ``/v1/score`` for ``{"prompt": {"text": ""}, "completion_ids":
+ids}`` (``i - 1`` and ``ids[1:]`` when the ids open with the student's BOS).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +60,7 @@ JSON = {"accept": "application/json"}
 #: The K of the comparison: at most the service's --max-top-k.
 K = 8
 MAX_TOP_K = 20
-#: (prompt, completion). The face sees no split (TRL sends prompt and completion as one list), so
-#: the prompts are plain words: wherever the student's tokens split a prompt, the teacher's
-#: tokens of the whole text are its tokens of the two parts (checked in the test), and the teacher
-#: reads the same tokens whichever split of the sequence the face scores it with.
+#: (prompt, completion) texts; TRL sends each as one list of student ids.
 TEXTS = [
     ("The king said:\n", "To be, or not to be, that is the question."),
     ("Then the queen spoke:\n", "Alas, poor Yorick! I knew him, Horatio: in 1601, 31536 seats."),
@@ -137,22 +133,24 @@ def _label_matches(value: str | None, wanted: str) -> bool:
     return value.endswith(wanted[1:]) if wanted.startswith("*") else value == wanted
 
 
-def _score(url: str, student_id: str, sequences: list[list[int]], prompt_lengths: list[int]):
-    """``POST /v1/score`` of the same sequences, split where TRL splits them; the prompt goes as
-    the student's ids, as TRL holds it."""
+def _score(url: str, student_id: str, sequences: list[list[int]], bos: int | None):
+    """``POST /v1/score`` of the sequences as the face scores them (``docs/vllm-face.md``); the
+    scored rows and, per sequence, how many leading ids have no row (the student's BOS)."""
+    leads = [1 if bos is not None and seq[0] == bos else 0 for seq in sequences]
     body = {
         "student_tokenizer": student_id,
         "teacher": TEACHER,
         "top_k": K,
         "sequences": [
-            {"prompt": {"ids": seq[:length]}, "completion_ids": seq[length:]}
-            for seq, length in zip(sequences, prompt_lengths, strict=True)
+            {"prompt": {"text": ""}, "completion_ids": seq[lead:]}
+            for seq, lead in zip(sequences, leads, strict=True)
         ],
     }
     response = httpx.post(f"{url}/v1/score", json=body, headers=JSON, timeout=120)
     assert response.status_code == 200, response.text[:400]
     decoded = response.json()
-    return [ScoredSequence.from_wire(wire, decoded["top_k"]) for wire in decoded["sequences"]]
+    rows = [ScoredSequence.from_wire(wire, decoded["top_k"]) for wire in decoded["sequences"]]
+    return rows, leads
 
 
 def test_vllm_client_gets_what_v1_score_gives(served, face, student_id, bank):
@@ -168,67 +166,66 @@ def test_vllm_client_gets_what_v1_score_gives(served, face, student_id, bank):
         prompt_ids = encode_continuation(tokenizer, vocab, prompt)
         sequences.append(prompt_ids + encode_continuation(tokenizer, vocab, text))
         prompt_lengths.append(len(prompt_ids))
-    # The split is invisible to the face: the whole sequence must tokenise as its two halves do,
-    # for the student and, at every student boundary in the prompt, for the teacher.
-    teacher_tokenizer, teacher_vocab = bank.tokenizer("gpt2"), bank.vocab("gpt2")
-    for (prompt, text), seq, length in zip(TEXTS, sequences, prompt_lengths, strict=True):
-        whole = prompt + text
-        assert seq == encode_continuation(tokenizer, vocab, whole)
-        teacher_whole = encode_continuation(teacher_tokenizer, teacher_vocab, whole)
-        for cut in range(1, length + 1):
-            head = tokenizer.decode(seq[:cut])
-            assert whole.startswith(head)
-            halves = encode_continuation(teacher_tokenizer, teacher_vocab, head)
-            halves += encode_continuation(teacher_tokenizer, teacher_vocab, whole[len(head) :])
-            assert halves == teacher_whole, (whole, cut)
 
     client = VLLMClient(base_url=face)
-    assert isinstance(client.model, str) and client.model
+    assert isinstance(client.model, str) and "@" in client.model
     got = client.get_sequence_logprobs(sequences, prompt_lengths, top_logprobs=K)
-    want = _score(served, student_id, sequences, prompt_lengths)
+    want, leads = _score(served, student_id, sequences, vocab.roles.get("bos"))
 
     compared = 0
-    for i, (seq, length, scored) in enumerate(zip(sequences, prompt_lengths, want, strict=True)):
+    for i, (seq, length, scored, lead) in enumerate(
+        zip(sequences, prompt_lengths, want, leads, strict=True)
+    ):
         completion = seq[length:]
         assert len(got["actual_logprobs"][i]) == len(completion)
         assert [row[0] for row in got["actual_token_ids"][i]] == completion
         for j, token in enumerate(completion):
-            # The sampled token: §3. TRL turns a missing entry or NaN into -inf; so does this.
+            row_index = length + j - lead
+            # The sampled token: §3, exactly. TRL reads a missing entry as -inf.
             actual = got["actual_logprobs"][i][j][0]
-            expected = float(scored.logprobs_S[j])
+            expected = float(scored.logprobs_S[row_index])
             if math.isnan(expected):
                 assert actual == -math.inf, (i, j)
             else:
-                assert actual == pytest.approx(expected, abs=1e-4), (i, j)
-
-            # The top-K: §4, most likely first. /v1/score sends its sparse log-probs as float16.
-            ref = {
-                int(t): float(v)
-                for t, v in zip(scored.topk_ids_SK[j], scored.topk_logprobs_SK[j], strict=True)
+                assert actual == pytest.approx(expected, abs=1e-6), (i, j)
+            # The top-K: §4's sparse row over the student's vocabulary, most likely first, the
+            # same float16 numbers /v1/score sends (the sampled token's entry carries its §3
+            # log-prob: one entry per id, as in vLLM).
+            ref = [
+                (int(t), float(v))
+                for t, v in zip(
+                    scored.topk_ids_SK[row_index], scored.topk_logprobs_SK[row_index], strict=True
+                )
                 if t >= 0 and np.isfinite(v)
-            }
+            ]
             ids = got["logprob_token_ids"][i][j]
             values = got["logprobs"][i][j]
-            row = {t: v for t, v in zip(ids, values, strict=True) if v > -math.inf}
-            assert len(row) == len(ref), (i, j, row, ref)
-            # Near-ties at the K-th place may fall either way between two requests.
-            kth = min(ref.values()) if ref else -math.inf
-            for t in set(row) ^ set(ref):
-                value = ref.get(t, row.get(t))
-                assert value is not None and value <= kth + 2e-3, (i, j, t, row, ref)
-            for t in set(row) & set(ref):
-                if t == token:
-                    # ASSUMED (face): vLLM's answer holds one entry per id, so where the sampled
-                    # token is in the top-K its entry carries the §3 log-prob (what TRL reads as
-                    # the sampled token's), and its rank is its §4 place.
-                    if not math.isnan(expected):
-                        assert row[t] == pytest.approx(expected, abs=1e-4), (i, j)
-                    continue
-                assert row[t] == pytest.approx(ref[t], abs=1e-2), (i, j, t)
-            ordered = [v for t, v in zip(ids, values, strict=True) if t != token and v > -math.inf]
-            assert all(a >= b - 1e-2 for a, b in itertools.pairwise(ordered)), (i, j)
+            assert ids[: len(ref)] == [t for t, _ in ref], (i, j)
+            for (t, v), mine in zip(ref, values, strict=False):
+                if t != token:
+                    assert mine == pytest.approx(v, abs=1e-6), (i, j, t)
+            assert all(v == -math.inf for v in values[len(ref) :]), (i, j)
             compared += 1
     assert compared == sum(len(s) - n for s, n in zip(sequences, prompt_lengths, strict=True))
+
+
+def test_every_vllm_completion_field_is_honoured_or_refused_by_name():
+    """The face's field policy covers vLLM's own request model: a field vLLM adds shows up here
+    (``COMPLETION_NEUTRAL_FIELDS`` or ``CompletionRequest`` must then say what to do with it)."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmRequest
+
+    from tokenbridge.shared.protocol import COMPLETION_NEUTRAL_FIELDS, CompletionRequest
+
+    ours = set(CompletionRequest.model_fields) - {"prompt_logprob_token_ids"}
+    neutral = set(COMPLETION_NEUTRAL_FIELDS)
+    assert not ours & neutral
+    vllm_fields = set(VllmRequest.model_fields)
+    assert vllm_fields - ours - neutral == set(), "fields the face neither honours nor refuses"
+    # And each neutral value is what vLLM itself defaults to, or one that changes nothing.
+    for name, values in COMPLETION_NEUTRAL_FIELDS.items():
+        default = VllmRequest.model_fields[name].default if name in vllm_fields else None
+        if name in vllm_fields and not callable(default) and repr(default) != "PydanticUndefined":
+            assert any(default == v for v in values) or default is None, (name, default, values)
 
 
 @pytest.mark.parametrize(
@@ -274,8 +271,6 @@ def test_server_distillation_trainer_trains_against_the_face(
         dataloader_num_workers=0,
         seed=0,
     )
-    # ASSUMED (face): its requests carry the route label ".../v1/completions" and the teacher's
-    # name in tokenbridge_requests, and its scoring counts in tokenbridge_scored_positions.
     requests_before = _metric(
         served, "tokenbridge_requests_total", route="*/v1/completions", status="200"
     )
@@ -292,9 +287,7 @@ def test_server_distillation_trainer_trains_against_the_face(
         return original(sequences, prompt_lengths, **kwargs)
 
     trainer.teacher_client.get_sequence_logprobs = spy
-    started = time.perf_counter()
     output = trainer.train()
-    elapsed = time.perf_counter() - started
 
     assert output.global_step == 2
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -313,4 +306,3 @@ def test_server_distillation_trainer_trains_against_the_face(
     positions_after = _metric(served, "tokenbridge_scored_positions_total", teacher=TEACHER)
     assert requests_after - requests_before == 2
     assert positions_after - positions_before >= completion_tokens
-    assert elapsed < 120, f"two CPU steps took {elapsed:.0f} s"
