@@ -1,5 +1,6 @@
 """Checkpoints for exact resume: the model, optimiser and scheduler, every rank's random state,
-data position and the rollouts still in its pipeline, written atomically by rank 0."""
+data position and the rollouts still in its pipeline, written atomically by rank 0. A sharded
+(FSDP) student's full state is gathered first, so the format is the same under every sharding."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from tokenbridge.client.data import PromptStream
 from tokenbridge.client.fanout import Pending
+from tokenbridge.client.parallel import full_state, is_sharded
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -65,14 +67,18 @@ def write_checkpoint(
         for p in pipeline
     ]
     per_rank = _gather({"rng": rng_state(), "position": stream.position, "pending": pending}, world)
+    # Under FSDP every rank gives its shards to rank 0's full state dicts.
+    states = full_state(model, optimiser) if rank == 0 or is_sharded(model) else None
     if rank != 0:
         return
+    assert states is not None
+    model_state, optimiser_state = states
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(
         path,
         {
-            "model": model.state_dict(),
-            "optimiser": optimiser.state_dict(),
+            "model": model_state,
+            "optimiser": optimiser_state,
             "scheduler": scheduler.state_dict(),
             "rng": [r["rng"] for r in per_rank],
             "data_position": [r["position"] for r in per_rank],

@@ -17,6 +17,8 @@ __all__ = [
     "BASELINES",
     "DEFAULT_LEARNING_RATES",
     "LOSSES",
+    "MIXED_PRECISIONS",
+    "SHARDINGS",
     "TrainConfig",
     "load_train_config",
 ]
@@ -40,6 +42,13 @@ LOSSES = (
 #: Baselines of the sampled-token ``reverse_kl`` advantage: ``auto`` is ``group`` with several
 #: samples per prompt, else ``position``.
 BASELINES = ("auto", "none", "group", "position")
+#: How several ranks under ``torchrun`` hold the student: ``ddp``, a whole copy on each (DDP
+#: averages the gradients); ``fsdp``, each rank a shard of every weight, gradient and optimiser
+#: state (PyTorch's ``fully_shard``), for students larger than one GPU.
+SHARDINGS = ("ddp", "fsdp")
+#: ``no``: float32 throughout; ``bf16``: forward and backward in bfloat16, weights, gradient
+#: reduction and optimiser state in float32 (FSDP's mixed-precision policy; autocast otherwise).
+MIXED_PRECISIONS = ("no", "bf16")
 #: The learning rate each loss gets when ``learning_rate`` is not given, chosen from measurements
 #: (``bench/learning.py``; docs/trainer.md, "Defaults that teach"): the largest rate of {1e-4, 3e-4}
 #: whose 20 steps lowered the exact reverse KL on validation for both an identical and a
@@ -187,6 +196,27 @@ class TrainConfig:
         default=(),
         metadata={"help": "modules the adapters wrap (none: peft's default for the architecture)"},
     )
+    sharding: str = field(
+        default="ddp",
+        metadata={
+            "help": "under torchrun: ddp (a whole student on each rank) | fsdp (each rank holds "
+            "a shard of the weights, gradients and optimiser state: students larger than one GPU)"
+        },
+    )
+    mixed_precision: str = field(
+        default="no",
+        metadata={
+            "help": "no | bf16: forward and backward in bfloat16, weights, gradient reduction "
+            "and optimiser state in float32"
+        },
+    )
+    grad_accum_steps: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches each step's rollout is split into, their gradients added up "
+            "before the one optimiser step (the same gradient as the whole batch, in less memory)"
+        },
+    )
     export_every_checkpoint: bool = field(
         default=False,
         metadata={
@@ -222,6 +252,25 @@ class TrainConfig:
             # The vLLM sampler syncs the student's full weights by their names; a peft model's
             # differ. Merging the adapters every step would cost what LoRA saves.
             problems.append("LoRA (lora_r > 0) samples with the transformers sampler only")
+        if self.sharding not in SHARDINGS:
+            problems.append(f"sharding must be one of {SHARDINGS}; got {self.sharding!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            problems.append(
+                f"mixed_precision must be one of {MIXED_PRECISIONS}; got {self.mixed_precision!r}"
+            )
+        if self.sharding == "fsdp" and self.lora_r:
+            # FSDP shards to fit weights that one GPU cannot hold; a LoRA student's trained part
+            # is small, and its frozen base fits DDP's copy or is better served by quantisation.
+            problems.append("LoRA (lora_r > 0) trains under DDP only; drop --sharding fsdp")
+        if self.sharding == "fsdp" and self.sampler == "vllm":
+            # The vLLM sampler copies the whole student into its engine on every step.
+            problems.append("sharding fsdp samples with the transformers sampler only")
+        if not 1 <= self.grad_accum_steps <= self.batch_size:
+            # Each micro-batch holds at least one prompt (with all its samples).
+            problems.append(
+                f"grad_accum_steps must lie in [1, batch_size = {self.batch_size}]; got "
+                f"{self.grad_accum_steps}"
+            )
         if self.loss not in LOSSES:
             problems.append(f"loss must be one of {LOSSES}; got {self.loss!r}")
         if not self.teacher_urls:

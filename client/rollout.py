@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenbridge.client.parallel import is_sharded
+
 __all__ = [
     "Prompt",
     "Rollout",
@@ -211,6 +213,8 @@ def sample(
         top_k=0 if temperature > 0 else None,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
+        # A sharded student's forwards need every rank: generate until all ranks are done.
+        synced_gpus=True if is_sharded(model) else None,
     )
     completions = cut_after_eos(output[:, ids_BL.shape[1] :].tolist(), tokenizer.eos_token_id)
     if was_training:

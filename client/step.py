@@ -3,6 +3,7 @@ teacher-written completions), built from the teacher's padded signals."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from tokenbridge.client import losses
 from tokenbridge.client.config import TrainConfig
 from tokenbridge.client.errors import TeacherProtocolError
+from tokenbridge.client.parallel import forward_precision, gradient_sync
 from tokenbridge.client.rollout import (
     Prompt,
     Rollout,
@@ -49,12 +51,28 @@ def batch_loss(
     cfg: TrainConfig, model: Any, rollout: Rollout, scored: list[ScoredSequence]
 ) -> losses.LossOutput:
     """The configured loss of one scored rollout, with gradients into ``model``."""
-    full = cfg.loss in ("forward_kl", "sparse_reverse_kl", "jsd", "candidate_reverse_kl") or (
+    logprobs_BT, valid_BT, logprobs_BTV = completion_logprobs(
+        model, rollout.prompt_ids, rollout.completion_ids, full=_full(cfg)
+    )
+    return _loss(cfg, rollout, scored, logprobs_BT, valid_BT, logprobs_BTV)
+
+
+def _full(cfg: TrainConfig) -> bool:
+    """Whether the loss reads the student's whole distribution, not only its sampled tokens."""
+    return cfg.loss in ("forward_kl", "sparse_reverse_kl", "jsd", "candidate_reverse_kl") or (
         cfg.loss == "reverse_kl" and _baseline(cfg) == "position"
     )
-    logprobs_BT, valid_BT, logprobs_BTV = completion_logprobs(
-        model, rollout.prompt_ids, rollout.completion_ids, full=full
-    )
+
+
+def _loss(
+    cfg: TrainConfig,
+    rollout: Rollout,
+    scored: list[ScoredSequence],
+    logprobs_BT: torch.Tensor,
+    valid_BT: torch.Tensor,
+    logprobs_BTV: torch.Tensor | None,
+) -> losses.LossOutput:
+    """``batch_loss`` given the student's log-probs of the rollout."""
     width = logprobs_BT.shape[1]
     device = logprobs_BT.device
     old_BT = _padded(rollout.old_logprobs, width, 0.0, torch.float32).to(device)
@@ -160,6 +178,91 @@ def _baseline(cfg: TrainConfig) -> str:
     if cfg.baseline != "auto":
         return cfg.baseline
     return "group" if cfg.samples_per_prompt > 1 else "position"
+
+
+#: Metrics that count (summed over micro-batches); the others are means over the valid positions.
+_COUNTS = ("valid_tokens", "valid_chunks", "tokens")
+
+
+def accumulate_gradients(
+    cfg: TrainConfig, trained: Any, rollout: Rollout, scored: list[ScoredSequence] | None
+) -> losses.LossOutput:
+    """One step's loss of ``rollout`` (``scored`` by the teacher; ``None``: SFT on a teacher
+    rollout), its gradient added to ``trained``'s, in ``cfg.grad_accum_steps`` micro-batches.
+
+    Each micro-batch holds whole prompt groups (a prompt's samples share their baseline) and is
+    forward and backward before the next, so only one micro-batch's activations are held. Every
+    loss is a mean over its valid positions, so a micro-batch's loss is weighted by its share of
+    the batch's valid positions (``loss_positions``, counted before the first backward): the
+    gradient, the loss and the metrics are the whole batch's. The gradients are reduced over the
+    ranks once, in the last micro-batch's backward (``parallel.gradient_sync``).
+    """
+    group = cfg.samples_per_prompt if cfg.loss != "sft" else 1
+    groups = len(rollout.completion_ids) // group
+    edges = [group * int(e[0]) for e in np.array_split(np.arange(groups), cfg.grad_accum_steps)
+             if len(e)] + [len(rollout.completion_ids)]  # fmt: skip
+    parts = [
+        (_rows(rollout, lo, hi), None if scored is None else scored[lo:hi])
+        for lo, hi in itertools.pairwise(edges)
+    ]
+    counts = [loss_positions(cfg, part, part_scored) for part, part_scored in parts]
+    total = sum(counts)
+    loss = torch.zeros(())
+    metrics: dict[str, float] = {}
+    for index, ((part, part_scored), count) in enumerate(zip(parts, counts, strict=True)):
+        weight = count / total if total else 1.0 / len(parts)
+        with gradient_sync(trained, sync=index == len(parts) - 1):
+            with forward_precision(trained, cfg.mixed_precision):
+                output = (
+                    sft_loss(trained, part)
+                    if part_scored is None
+                    else batch_loss(cfg, trained, part, part_scored)
+                )
+            (output.loss * weight).backward()
+        counted = output.metrics.get("valid_tokens", output.metrics.get("tokens"))
+        if counted != count:
+            raise RuntimeError(
+                f"the {cfg.loss} loss averaged over {counted} positions where {count} were "
+                "counted without the student: its valid positions depend on the student's "
+                "log-probs, so micro-batches cannot be weighted exactly"
+            )
+        loss = loss + output.loss.detach().cpu() * weight
+        for key, value in output.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + (value if key in _COUNTS else value * weight)
+    return losses.LossOutput(loss=loss, metrics=metrics)
+
+
+def loss_positions(cfg: TrainConfig, rollout: Rollout, scored: list[ScoredSequence] | None) -> int:
+    """How many positions the loss of ``rollout`` averages over (its ``valid_tokens``; SFT's
+    ``tokens``), without the student. Which positions count depends on the rollout and the
+    teacher's answers, never on the student's log-probs, so the loss of stand-in log-probs
+    (zeros) counts them."""
+    if scored is None:
+        return sum(len(c) for c in rollout.completion_ids)
+    rows = len(rollout.completion_ids)
+    width = max(1, max(len(c) for c in rollout.completion_ids))
+    valid_BT = torch.zeros((rows, width), dtype=torch.bool)
+    for b, completion in enumerate(rollout.completion_ids):
+        valid_BT[b, : len(completion)] = True
+    logprobs_BTV = None
+    if _full(cfg):
+        # Only ids the loss gathers index the vocabulary: the stand-in needs no more columns.
+        ids = [np.asarray(c, dtype=np.int64) for c in rollout.completion_ids]
+        ids += [s.topk_ids_SK for s in scored] + list(rollout.candidate_ids or [])
+        vocab = 1 + max([0] + [int(a.max()) for a in ids if a.size])
+        logprobs_BTV = torch.zeros(()).expand(rows, width, vocab)
+    with torch.no_grad():
+        output = _loss(cfg, rollout, scored, torch.zeros((rows, width)), valid_BT, logprobs_BTV)
+    return int(output.metrics["valid_tokens"])
+
+
+def _rows(rollout: Rollout, lo: int, hi: int) -> Rollout:
+    """Rows ``lo:hi`` of ``rollout``."""
+    candidates = rollout.candidate_ids
+    return Rollout(
+        rollout.prompts[lo:hi], rollout.prompt_ids[lo:hi], rollout.completion_ids[lo:hi],
+        rollout.old_logprobs[lo:hi], None if candidates is None else candidates[lo:hi],
+    )  # fmt: skip
 
 
 def sft_loss(model: Any, rollout: Rollout) -> losses.LossOutput:

@@ -5,7 +5,9 @@ overlaps sampling and the optimiser step; staleness = depth, reported) → loss 
 log → checkpoint. Checkpoints hold the model, optimiser, scheduler, every RNG, the data position
 and the rollouts still in the pipeline, so ``resume`` continues exactly where the run stopped.
 Under ``torchrun`` each rank samples its own prompts and calls the teacher itself; gradients are
-averaged by DDP; rank 0 writes metrics and checkpoints.
+averaged by DDP, or with ``--sharding fsdp`` the student is sharded over the ranks (``parallel``);
+rank 0 writes metrics and checkpoints. ``--grad-accum-steps K`` splits each step's rollout into K
+micro-batches whose gradients add up to the whole batch's (``step.accumulate_gradients``).
 
 A service may host several teachers by name (``--teachers a b``): each prompt goes to one of them
 (``client/routing.py``: the prompt row's own ``teacher`` field, else the schedule), each teacher
@@ -41,7 +43,7 @@ from tokenbridge.client.data import (
     take_routed_batch,
 )
 from tokenbridge.client.evaluation import evaluate_reverse_kl, ratio_standard_error
-from tokenbridge.client.export import MODEL_DIR, export_model
+from tokenbridge.client.export import MODEL_DIR, export_checkpoint, export_model
 from tokenbridge.client.fanout import (
     TEACHER_TOTALS,
     Pending,
@@ -54,9 +56,16 @@ from tokenbridge.client.fanout import (
 )
 from tokenbridge.client.lora import with_adapters
 from tokenbridge.client.metrics import METRICS, metrics_writer
+from tokenbridge.client.parallel import (
+    forward_precision,
+    is_sharded,
+    load_full_state,
+    plain_number,
+    shard,
+)
 from tokenbridge.client.rollout import Prompt, Rollout, sample, wire_prompt
 from tokenbridge.client.routing import TeacherRouter
-from tokenbridge.client.step import batch_loss, sft_loss, teacher_rollout
+from tokenbridge.client.step import accumulate_gradients, teacher_rollout
 from tokenbridge.shared.protocol import DEFAULT_TEACHER
 from tokenbridge.shared.vocab import Vocab, build_vocab
 
@@ -123,7 +132,9 @@ def main(cfg: TrainConfig, extra_eval: ExtraEval | None = None) -> TrainSummary:
         with metrics_writer(cfg.out_dir / METRICS, run.step, run.rank == 0) as log:
             while run.step < cfg.steps:
                 last = _train_step(run, pipeline, teachers)
-                if run.rank == 0 and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
+                # A sharded student's forwards need every rank: all evaluate, rank 0 logs.
+                evaluates = run.rank == 0 or is_sharded(run.model)
+                if evaluates and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
                     last.update(_evaluate(run, teachers, pipeline.eval_names, extra_eval))
                 log(last)
                 _show_progress(progress, last)
@@ -147,7 +158,11 @@ def _save_run(run: _Run, pipeline: _RolloutPipeline) -> None:
         pipeline.queue, run.totals, run.rank, run.world, cfg.student, cfg.lora,
     )  # fmt: skip
     if run.rank == 0 and (run.step == cfg.steps or cfg.export_every_checkpoint):
-        export_model(run.model, run.tokenizer, cfg.out_dir / MODEL_DIR)
+        if is_sharded(run.model):
+            # Rank 0 holds only its shard: the checkpoint just written holds the whole.
+            export_checkpoint(cfg.out_dir, cfg.out_dir / MODEL_DIR, cfg.student)
+        else:
+            export_model(run.model, run.tokenizer, cfg.out_dir / MODEL_DIR)
 
 
 # -- set-up and resume -----------------------------------------------------------------------------
@@ -166,7 +181,7 @@ class _Run:
     world: int
     tokenizer: Any
     model: Any
-    #: ``model``, or its DDP wrapper when several ranks train.
+    #: ``model``, or its DDP wrapper when several ranks train (FSDP shards ``model`` itself).
     trained: Any
     optimiser: Any
     scheduler: Any
@@ -195,14 +210,14 @@ class _Run:
 
 
 def _set_up(cfg: TrainConfig) -> _Run:
-    """Seeds, the student (DDP-wrapped on several ranks), the optimiser with its linear warm-up,
-    and the prompts: the first ``eval_prompts`` held out, the rest a seeded stream."""
+    """Seeds, the student (DDP-wrapped or sharded on several ranks), the optimiser with its linear
+    warm-up, and the prompts: the first ``eval_prompts`` held out, the rest a seeded stream."""
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     tokenizer, model = _load_student(cfg)
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    trained = shard(model, cfg.sharding, cfg.mixed_precision, world)
     assert cfg.learning_rate is not None  # TrainConfig fills in the loss's default
     # Only what trains (all weights, or the LoRA adapters) gets optimiser state.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -231,8 +246,7 @@ def _resume(run: _Run) -> None:
     if not run.checkpoint_path.exists():
         raise FileNotFoundError(f"--resume given but {run.checkpoint_path} does not exist")
     state = torch.load(run.checkpoint_path, weights_only=False)
-    run.model.load_state_dict(state["model"])
-    run.optimiser.load_state_dict(state["optimiser"])
+    load_full_state(run.model, run.optimiser, state["model"], state["optimiser"])
     run.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][run.rank])
     run.stream.position = state["data_position"][run.rank]
@@ -358,11 +372,12 @@ class _RolloutPipeline:
         fielded = [by_field for _, _, by_field in taken]
         if cfg.loss == "sft":
             return self.submit(Rollout(prompts, [], [], []), seed, routes, fielded)
-        rollout = self.sampler(
-            run.model, run.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            candidates=cfg.candidates if cfg.loss == "candidate_reverse_kl" else 0,
-        )  # fmt: skip
+        with forward_precision(run.model, cfg.mixed_precision):
+            rollout = self.sampler(
+                run.model, run.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                candidates=cfg.candidates if cfg.loss == "candidate_reverse_kl" else 0,
+            )  # fmt: skip
         return self.submit(rollout, seed, routes, fielded)
 
     def cancel(self) -> None:
@@ -386,14 +401,14 @@ def _train_step(run: _Run, pipeline: _RolloutPipeline, teachers: Teachers) -> di
     answer = await_answer(pending, pipeline.submit_part, cfg.teacher_resubmits, totals)
     wait_s = time.perf_counter() - waited
     teacher_tokens = usage_tokens(answer)
+    scored = None
     if cfg.loss == "sft":
         assert run.vocab is not None
         rollout = teacher_rollout(run.tokenizer, run.vocab, rollout.prompts, answer)
-        output = sft_loss(run.trained, rollout)
     else:
-        output = batch_loss(cfg, run.trained, rollout, list(answer.sequences))
+        scored = list(answer.sequences)
     run.optimiser.zero_grad(set_to_none=True)
-    output.loss.backward()
+    output = accumulate_gradients(cfg, run.trained, rollout, scored)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
     run.optimiser.step()
     run.scheduler.step()
@@ -415,7 +430,7 @@ def _train_step(run: _Run, pipeline: _RolloutPipeline, teachers: Teachers) -> di
         "step": run.step,
         "loss": float(output.loss.detach()),
         **{k: float(v) for k, v in output.metrics.items()},
-        "grad_norm": float(grad_norm),
+        "grad_norm": plain_number(grad_norm),
         "lr": float(run.scheduler.get_last_lr()[0]),
         "student_tokens": rollout.tokens,
         "tokens_per_s": rollout.tokens / step_s if step_s > 0 else 0.0,
