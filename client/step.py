@@ -205,6 +205,16 @@ def accumulate_gradients(
         (_rows(rollout, lo, hi), None if scored is None else scored[lo:hi])
         for lo, hi in itertools.pairwise(edges)
     ]
+    if len(parts) == 1:
+        # One micro-batch: the plain step, with no stand-in forward to count positions.
+        with forward_precision(trained, cfg.mixed_precision):
+            output = (
+                sft_loss(trained, rollout)
+                if scored is None
+                else batch_loss(cfg, trained, rollout, scored)
+            )
+        output.loss.backward()
+        return output
     counts = [loss_positions(cfg, part, part_scored) for part, part_scored in parts]
     total = sum(counts)
     loss = torch.zeros(())
