@@ -6,8 +6,10 @@ A model of this face is one (teacher, registered student) pair, named ``TEACHER@
 (just ``TEACHER`` for a student whose vocabulary is the teacher's own); ``/vllm/TEACHER/STUDENT_ID``
 is the base URL of a single-model server for that pair. The translation is exact: position ``i``
 of a prompt is row ``i`` of ``/v1/score`` for the prompt ``{"text": ""}`` and the prompt's ids as
-the completion (row ``i - 1``, the student's BOS left out, when the ids open with it), so the
-numbers are ``/v1/score``'s.
+the completion (row ``i - 1``, the student's BOS left out, when the ids open with it); when the ids
+hold a conversation in the student's chat template (``conversation.py``), the reply is scored
+after the conversation as ``messages``, in the teacher's own template. The numbers are
+``/v1/score``'s.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from tokenbridge.service.conversation import template_reader
 from tokenbridge.service.core import TeacherService
 from tokenbridge.service.errors import (
     BadRequestError,
@@ -31,6 +34,7 @@ from tokenbridge.service.teacher import Teacher
 from tokenbridge.shared import responses
 from tokenbridge.shared.protocol import (
     CompletionRequest,
+    Message,
     Prompt,
     ScoredSequence,
     ScoreRequest,
@@ -40,6 +44,7 @@ from tokenbridge.shared.protocol import (
 __all__ = [
     "FACE_PREFIX",
     "PairModel",
+    "PromptPlan",
     "answer",
     "is_face_path",
     "model_card",
@@ -147,8 +152,60 @@ def _lead(ids: list[int], student: StudentEntry) -> int:
     return 1 if bos is not None and ids[0] == bos else 0
 
 
-def score_request(body: CompletionRequest, pair: PairModel) -> ScoreRequest:
-    """The ``/v1/score`` request whose rows answer ``body`` (see the module's docstring)."""
+#: How a prompt's ids reached the teacher (``tokenbridge.chat_template`` of the answer).
+TemplateUse = Literal["re_rendered", "specials_matched_by_role", "no_specials"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Positions ``start..end-1`` of a prompt answered by rows ``start - first_row..`` of
+    scored sequence ``sequence``."""
+
+    sequence: int
+    start: int
+    end: int
+    first_row: int
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """How one prompt of the request is scored: its segments and how the teacher saw it."""
+
+    segments: tuple[Segment, ...]
+    template: TemplateUse
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """The scored sequence and row that answer ``position``."""
+        for segment in self.segments:
+            if segment.start <= position < segment.end:
+                return segment.sequence, position - segment.first_row
+        raise IndexError(position)  # every position from 1 on lies in a segment
+
+
+def _conversation(ids: list[int], pair: PairModel) -> tuple[list[dict[str, str]], int] | None:
+    """The conversation the ids carry in the student's chat template, if it can be read and the
+    teacher can render it in its own; else ``None``."""
+    student, teacher_tokenizer = pair.student, pair.teacher.engine.tokenizer
+    if not getattr(teacher_tokenizer, "chat_template", None):
+        return None
+    reader = template_reader(student.id, student.tokenizer, student.vocab)
+    read = reader.read(ids) if reader is not None else None
+    if read is None or read.reply_start < 1:
+        return None
+    try:
+        teacher_tokenizer.apply_chat_template(
+            read.messages, add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # the teacher's template refuses the conversation (a system role...)
+        return None
+    return read.messages, read.reply_start
+
+
+def score_request(
+    body: CompletionRequest, pair: PairModel
+) -> tuple[ScoreRequest, list[PromptPlan]]:
+    """The ``/v1/score`` request whose rows answer ``body`` (see the module's docstring), and per
+    prompt where its positions' rows are."""
     teacher = pair.teacher
     limit = teacher.max_top_k
     if body.prompt_logprobs is not None and body.prompt_logprobs > limit:
@@ -164,22 +221,42 @@ def score_request(body: CompletionRequest, pair: PairModel) -> ScoreRequest:
             "returns no full rows: prompt_logprob_token_ids needs the transformers engine",
             "prompt_logprob_token_ids",
         )
-    sequences = []
-    for ids, candidates in zip(body.prompt, rows, strict=True):
-        lead = _lead(ids, pair.student)
+    special = pair.student.vocab.special
+    sequences: list[ScoreSequence] = []
+    plans: list[PromptPlan] = []
+
+    def add(prompt: Prompt, ids: list[int], lo: int, hi: int, named: Any) -> Segment:
         sequences.append(
             ScoreSequence(
-                prompt=Prompt(text=""),
-                completion_ids=ids[lead:],
-                candidate_ids=None if candidates is None else candidates[lead:],
+                prompt=prompt,
+                completion_ids=ids[lo:hi],
+                candidate_ids=None if named is None else named[lo:hi],
             )
         )
-    return ScoreRequest(
+        return Segment(len(sequences) - 1, max(lo, 1), hi, lo)
+
+    for ids, named in zip(body.prompt, rows, strict=True):
+        lead = _lead(ids, pair.student)
+        conversation = _conversation(ids, pair)
+        if conversation is None:
+            segment = add(Prompt(text=""), ids, lead, len(ids), named)
+            has_specials = bool(np.any(special[np.asarray(ids[lead:], dtype=np.int64)]))
+            template: TemplateUse = "specials_matched_by_role" if has_specials else "no_specials"
+            plans.append(PromptPlan((segment,), template))
+            continue
+        # The turns before the reply are scored as any ids are; the reply as a completion of
+        # the conversation rendered in the teacher's own template.
+        messages, reply = conversation
+        before = add(Prompt(text=""), ids, lead, reply, named)
+        after = add(Prompt(messages=[Message(**m) for m in messages]), ids, reply, len(ids), named)
+        plans.append(PromptPlan((before, after), "re_rendered"))
+    request = ScoreRequest(
         student_tokenizer=pair.student.id,
         top_k=max(1, body.prompt_logprobs or 0),
         sequences=sequences,
         teacher=teacher.name,
     )
+    return request, plans
 
 
 class _Decoder:
@@ -258,25 +335,25 @@ def _position(
 
 
 def answer(
-    body: CompletionRequest, pair: PairModel, scored: responses.ScoreResponse, request_id: str
+    body: CompletionRequest,
+    pair: PairModel,
+    scored: responses.ScoreResponse,
+    plans: list[PromptPlan],
+    request_id: str,
 ) -> responses.CompletionResponse:
     """``body``'s answer in vLLM's layout, from the ``/v1/score`` answer of
-    ``score_request(body, pair)``."""
+    ``score_request(body, pair)`` and its plans."""
     decode = _Decoder(pair.student, bool(body.return_tokens_as_token_ids))
     top_k = body.prompt_logprobs or 0
-    special = pair.student.vocab.special
+    sequences = [ScoredSequence.from_wire(wire, scored["top_k"]) for wire in scored["sequences"]]
     choices: list[responses.CompletionChoice] = []
-    templates: list[Any] = []
     rows = body.candidate_rows()
-    for index, (ids, wire, candidates) in enumerate(
-        zip(body.prompt, scored["sequences"], rows, strict=True)
-    ):
-        sequence = ScoredSequence.from_wire(wire, scored["top_k"])
-        lead = _lead(ids, pair.student)
+    for index, (ids, plan, candidates) in enumerate(zip(body.prompt, plans, rows, strict=True)):
         positions: list[dict[str, responses.PromptLogprob] | None] = [None]
         for i in range(1, len(ids)):
             named = [] if candidates is None else candidates[i]
-            positions.append(_position(i - lead, ids[i], sequence, top_k, named, decode))
+            sequence, row = plan.locate(i)
+            positions.append(_position(row, ids[i], sequences[sequence], top_k, named, decode))
         choices.append(
             {
                 "index": index,
@@ -289,8 +366,6 @@ def answer(
                 "prompt_token_ids": None,
             }
         )
-        has_specials = bool(np.any(special[np.asarray(ids[lead:], dtype=np.int64)]))
-        templates.append("specials_matched_by_role" if has_specials else "no_specials")
     tokens = sum(len(ids) for ids in body.prompt)
     return {
         "id": f"cmpl-{body.request_id or request_id}",
@@ -308,7 +383,7 @@ def answer(
         "tokenbridge": {
             "teacher": scored["teacher"],
             "student": pair.student.id,
-            "chat_template": templates,
+            "chat_template": [plan.template for plan in plans],
             "usage": scored["usage"],
         },
     }

@@ -225,10 +225,10 @@ async def _complete(request: Request, base: completions.PairModel | None) -> Res
     service = service_of(request)
     pair = completions.resolve_model(service, body.model, base)
     teacher = teacher_for(request, pair.teacher.name)
-    scoring = completions.score_request(body, pair)
+    scoring, plans = await asyncio.to_thread(completions.score_request, body, pair)
     _, scored = await _teach(request, scoring, TeacherService.score, teacher)
     request_id = request.scope["state"].get("request_id") or completions.new_request_id()
-    answer = await asyncio.to_thread(completions.answer, body, pair, scored, request_id)
+    answer = await asyncio.to_thread(completions.answer, body, pair, scored, plans, request_id)
     return respond(request, answer, default=JSON)
 
 

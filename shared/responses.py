@@ -534,11 +534,11 @@ class CompletionExtension(TypedDict):
     teacher: TeacherStamp
     student: str
     chat_template: Annotated[
-        list[Literal["no_specials", "specials_matched_by_role"]],
+        list[Literal["re_rendered", "specials_matched_by_role", "no_specials"]],
         Field(
-            description="per prompt: its ids hold no special token, or its specials were "
-            "matched to the teacher's by role (a conversation is not re-rendered in the "
-            "teacher's template)"
+            description="per prompt: the conversation its ids carry in the student's chat "
+            "template was read and the reply scored after the teacher's own rendering of it; "
+            "or its specials were matched to the teacher's by role; or it holds none"
         ),
     ]
     usage: ScoreUsage

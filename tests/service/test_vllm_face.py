@@ -287,3 +287,82 @@ def test_metrics_count_the_face_like_score(app, bank, students):
     after = counted()
     assert after[0] - before[0] == len(ids) - 1
     assert after[1] - before[1] == 1
+
+
+# -- chat templates: the conversation re-rendered in the teacher's own ----------------------------
+
+MESSAGES = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "content": "5."},
+    {"role": "user", "content": "And 4+4?"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_app(tmp_path_factory, loop):
+    """A teacher with a chat template (a tiny Llama over Qwen2's tokenizer)."""
+    from tests.support.service import tiny_teacher
+
+    teacher = tiny_teacher("qwen2", "llama", hidden=64, layers=2, heads=2)
+    config = config_for(teacher, tmp_path_factory.mktemp("chat"), max_top_k=16, api_keys=(KEY,))
+    with running_app(config, loop=loop) as harness:
+        yield harness
+
+
+def _chat_ids(bank, name: str, reply: str) -> tuple[list[int], int]:
+    """The student's ids of ``MESSAGES`` in its own template and a reply; where the reply starts."""
+    tokenizer, vocab = bank.tokenizer(name), bank.vocab(name)
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    head = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    return head + encode_continuation(tokenizer, vocab, reply) + [vocab.roles["eot"]], len(head)
+
+
+def test_a_conversation_is_re_rendered_in_the_teachers_template(chat_app, bank):
+    student = _register(chat_app, "llama3")
+    ids, reply = _chat_ids(bank, "llama3", "It is 8, since 4+4=8.")
+    body = {"prompt": ids, "max_tokens": 1, "prompt_logprobs": K}
+    got = _call(chat_app, "POST", f"/vllm/default/{student}/v1/completions", json=body)
+    assert got.status_code == 200, got.text
+    answer = got.json()
+    assert answer["tokenbridge"]["chat_template"] == ["re_rendered"]
+    positions = answer["choices"][0]["prompt_logprobs"]
+    # The reply: /v1/score's rows for the conversation as messages (the teacher's template).
+    scored = _post_score(chat_app, student, {"messages": MESSAGES}, ids[reply:])
+    for i in range(reply, len(ids)):
+        value = positions[i][str(ids[i])]["logprob"]
+        assert value == pytest.approx(float(scored.logprobs_S[i - reply]), abs=1e-6)
+    # Before it: the ids as any are scored (the student's BOS left out).
+    before = _post_score(chat_app, student, {"text": ""}, ids[1:reply])
+    for i in range(1, reply):
+        want = float(before.logprobs_S[i - 1])
+        if math.isnan(want):  # a special with no teacher counterpart: no log-prob to give
+            assert str(ids[i]) not in positions[i]
+            continue
+        assert positions[i][str(ids[i])]["logprob"] == pytest.approx(want, abs=1e-6)
+    # And the teacher's context differs from the role-matched reading of the same ids.
+    plain = _post_score(chat_app, student, {"text": ""}, ids[1:])
+    assert not np.allclose(plain.logprobs_S[reply - 1 :], scored.logprobs_S, atol=1e-3)
+
+
+def test_ids_that_are_no_readable_conversation_fall_back_to_roles(chat_app, bank):
+    student = _register(chat_app, "llama3")
+    ids, _ = _chat_ids(bank, "llama3", "It is 8.")
+    # The first header's opening marker dropped: no shape of the template matches, so the
+    # specials are matched by role.
+    assert bank.tokenizer("llama3").convert_ids_to_tokens(ids[1]) == "<|start_header_id|>"
+    cut = ids[:1] + ids[2:]
+    body = {"prompt": [cut, _ids(bank, "llama3")], "max_tokens": 1, "prompt_logprobs": 2}
+    got = _call(chat_app, "POST", f"/vllm/default/{student}/v1/completions", json=body).json()
+    assert got["tokenbridge"]["chat_template"] == ["specials_matched_by_role", "no_specials"]
+
+
+def _post_score(app, student: str, prompt: dict[str, Any], ids: list[int]) -> ScoredSequence:
+    body = {
+        "student_tokenizer": student,
+        "top_k": K,
+        "sequences": [{"prompt": prompt, "completion_ids": ids}],
+    }
+    answer = _call(app, "POST", "/v1/score", json=body)
+    assert answer.status_code == 200, answer.text
+    return ScoredSequence.from_wire(answer.json()["sequences"][0], K)
