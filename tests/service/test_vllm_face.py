@@ -366,3 +366,23 @@ def _post_score(app, student: str, prompt: dict[str, Any], ids: list[int]) -> Sc
     answer = _call(app, "POST", "/v1/score", json=body)
     assert answer.status_code == 200, answer.text
     return ScoredSequence.from_wire(answer.json()["sequences"][0], K)
+
+
+def test_the_keys_token_quota_charges_the_face(teacher_dir, tmp_path, bank):
+    """Teacher tokens spent through the face count against the key's quota as through
+    /v1/score: past it, a 429 with Retry-After in vLLM's error layout."""
+    from hashlib import sha256
+
+    key_id = sha256(KEY.encode()).hexdigest()[:8]
+    config = config_for(teacher_dir, tmp_path, api_keys=(KEY,), key_quotas=(f"{key_id}=60",))
+    ids = _ids(bank, "mistral-v1", TEXT * 5)
+    with running_app(config) as harness:
+        student = _register(harness, "mistral-v1")
+        path = f"/vllm/default/{student}/v1/completions"
+        body = {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 1}
+        first = _call(harness, "POST", path, json=body)
+        refused = _call(harness, "POST", path, json=body)
+    assert first.status_code == 200, first.text
+    assert first.json()["tokenbridge"]["usage"]["teacher_tokens"] > 60
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+    assert refused.json()["error"]["type"] == "TooManyRequestsError"
