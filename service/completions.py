@@ -112,10 +112,11 @@ def resolve_model(
         raise BadRequestError(
             "name the model: 'model' is TEACHER@STUDENT_ID (GET /v1/models lists them)", "model"
         )
-    for pair in [base] if base is not None else pair_models(service):
-        if pair is not None and pair.name == model:
+    candidates = [base] if base is not None else pair_models(service)
+    for pair in candidates:
+        if pair.name == model:
             return pair
-    known = [p.name for p in ([base] if base is not None else pair_models(service)) if p]
+    known = [pair.name for pair in candidates]
     hint = (
         f"the models here are {known[:10]}"
         if known
