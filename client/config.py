@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenbridge.client.lora import LoraSettings
 from tokenbridge.client.routing import check_schedule
 from tokenbridge.shared.configargs import load_toml
 
@@ -229,7 +230,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @property
-    def lora(self) -> dict[str, Any] | None:
+    def lora(self) -> LoraSettings | None:
         """The LoRA adapters' settings (rank, alpha, target modules), or ``None`` without LoRA."""
         if not self.lora_r:
             return None

@@ -181,7 +181,6 @@ class KeyGate:
         self.quota_table = config.key_quota_table()
         self.quotas = KeyQuotas(self.quota_table, config.key_max_requests_in_flight)
         self.tokens_per_minute = config.key_tokens_per_minute
-        self.max_requests_in_flight = config.key_max_requests_in_flight
 
     def check(self, request: Request) -> str | None:
         """The hash of the caller's valid key (``None`` when the service has no keys); 401
@@ -222,7 +221,7 @@ class KeyGate:
             "key_id": key_id(key_hash),
             "tokens_per_minute": self.quota_table.get(key_hash, 0),
             "tokens_left": None if balance is None else max(0, int(balance)),
-            "max_requests_in_flight": self.max_requests_in_flight,
+            "max_requests_in_flight": self.quotas.max_requests_in_flight,
         }
 
 

@@ -104,7 +104,7 @@ async def info(request: Request) -> Response:
     gate = gate_of(request)
     described = service_of(request).info()
     described["limits"]["key_tokens_per_minute"] = gate.tokens_per_minute
-    described["limits"]["key_max_requests_in_flight"] = gate.max_requests_in_flight
+    described["limits"]["key_max_requests_in_flight"] = gate.quotas.max_requests_in_flight
     quota = gate.quota(request)
     if quota is not None:
         described["quota"] = quota
