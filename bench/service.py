@@ -13,6 +13,9 @@ uses.
   validation, re-tokenisation, alignment, engine, mapping, encoding) until the client holds the
   decoded response.
 * ``overhead_ratio``: the second over the first (medians of ``--repeats`` runs each, same run).
+* ``face_end_to_end_s``, ``face_over_score``: the same completions through the vLLM-compatible face
+  (``POST /vllm/default/STUDENT/v1/completions``, JSON, as TRL sends them), and its time over
+  ``/v1/score``'s: the price of vLLM's layout (one JSON object per listed token).
 
 Run ``python bench/service.py`` (``--backend vllm`` in an environment with vLLM). The last line of
 stdout is one JSON object.
@@ -180,13 +183,32 @@ def main() -> int:
             unpack(response.content, encoding)
             return time.perf_counter() - started, response.content
 
+        # The same completions as TRL sends them to the vLLM-compatible face: whole sequences of
+        # ids in JSON, every position scored (here the student's BOS and the completion).
+        bos = entry.vocab.roles["bos"]
+        face_body = {
+            "prompt": [[bos, *s["completion_ids"]] for s in sequences],
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "prompt_logprobs": TOP_K,
+        }
+
+        def face() -> tuple[float, bytes]:
+            started = time.perf_counter()
+            response = client.post(f"/vllm/default/{student_id}/v1/completions", json=face_body)
+            response.raise_for_status()
+            response.json()
+            return time.perf_counter() - started, response.content
+
         for _ in range(2):  # warm-up: first calls allocate and fill caches
             forward_only()
             end_to_end()
-        forward, e2e = [], []
-        for _ in range(args.repeats):  # interleaved, so drifts hit both alike
+            face()
+        forward, e2e, faced = [], [], []
+        for _ in range(args.repeats):  # interleaved, so drifts hit all alike
             forward.append(forward_only())
             e2e.append(end_to_end()[0])
+            faced.append(face()[0])
         extra: dict[str, Any] = {}
         if args.backend == "vllm":
             # Plain prefill of the same sequences, no log-probs: what scoring costs on top of it.
@@ -224,10 +246,14 @@ def main() -> int:
             "bytes_per_position_msgpack": len(msgpack_body) / positions,
             "bytes_per_position_json": len(json_body) / positions,
             "positions_per_s": positions / statistics.median(e2e),
+            "face_end_to_end_s": statistics.median(faced),
+            "face_over_score": statistics.median(faced) / statistics.median(e2e),
+            "face_bytes_per_position_json": len(face()[1]) / positions,
             **extra,
             "repeats": args.repeats,
             "forward_only_runs_s": [round(x, 4) for x in forward],
             "end_to_end_runs_s": [round(x, 4) for x in e2e],
+            "face_runs_s": [round(x, 4) for x in faced],
             "targets": TARGETS,
         }
     print(json.dumps(result))
