@@ -56,11 +56,15 @@ class TemplateReader:
     def __init__(self, tokenizer: Any, vocab: Vocab) -> None:
         self.tokenizer = tokenizer
         self.vocab = vocab
-        self.shapes = self._shapes()
         self._special_bytes: dict[int, bytes] = {}
         #: The texts of the student's special tokens: no message content holds one.
-        self.markers = [self._bytes(int(token_id)) for token_id in np.flatnonzero(vocab.special)]
-        self.markers = [marker for marker in self.markers if marker]
+        markers = [self._bytes(int(token_id)) for token_id in np.flatnonzero(vocab.special)]
+        self.markers = [marker for marker in markers if marker]
+        #: Those a reply never holds: all but its own end (EOS, end of turn) and padding.
+        ends = {self._bytes(t) for r, t in vocab.roles.items() if r != "bos" and t is not None}
+        self.turn_markers = [marker for marker in self.markers if marker not in ends]
+        self.shapes: list[tuple[list[str], re.Pattern[bytes]]] = []
+        self.shapes = self._shapes()
 
     def _shapes(self) -> list[tuple[list[str], re.Pattern[bytes]]]:
         """Each conversation shape the template renders, most turns first, with its pattern."""
@@ -82,9 +86,30 @@ class TemplateReader:
                 if len(_PLACEHOLDER_BYTES.findall(rendered)) != len(roles):
                     continue  # the template dropped or repeated a content: not readable
                 literals = _PLACEHOLDER_BYTES.split(rendered)
-                pattern = b"(.*?)".join(re.escape(part) for part in literals) + b"(.*)"
+                # A content never holds a piece of the template between contents: each group
+                # then ends at the first such piece, so a match is unambiguous and linear (no
+                # backtracking over the turns of a long conversation).
+                between = sorted({part for part in literals[1:] if part}, key=len, reverse=True)
+                stop = b"|".join(re.escape(part) for part in between)
+                content = b"((?:(?!" + stop + b").)*?)" if between else b"(.*?)"
+                pattern = content.join(re.escape(part) for part in literals) + b"(.*)"
                 shapes.append((roles, re.compile(pattern, re.DOTALL)))
-        return shapes
+        return shapes if self._reads_back(shapes) else []
+
+    def _reads_back(self, shapes: list[tuple[list[str], re.Pattern[bytes]]]) -> bool:
+        """Whether the template's own rendering of a probe conversation reads back exactly (a
+        template whose markers merge with the contents does not: its reader stays off)."""
+        probe = [
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "5."},
+            {"role": "user", "content": "And 4+4?"},
+        ]
+        ids = self._renders(probe)
+        if not shapes or ids is None:
+            return False
+        self.shapes = shapes
+        read = self.read(ids)
+        return read is not None and read.messages == probe and read.reply_start == len(ids)
 
     def _bytes(self, token_id: int) -> bytes:
         if not self.vocab.special[token_id]:
@@ -114,6 +139,8 @@ class TemplateReader:
             groups = [match.group(i + 1) for i in range(len(roles))]
             if any(marker in group for group in groups for marker in self.markers):
                 continue  # a content swallowed the template's markers: another shape, or none
+            if any(marker in match.group(len(roles) + 1) for marker in self.turn_markers):
+                return None  # the "reply" holds further turns: more than the shapes can hold
             try:
                 contents = [group.decode("utf-8") for group in groups]
             except UnicodeDecodeError:

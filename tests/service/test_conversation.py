@@ -56,3 +56,23 @@ def test_no_content_holds_a_marker_of_the_template(bank):
     read = reader.read(_rendered(tokenizer, MESSAGES))
     assert read is not None and len(read.messages) == len(MESSAGES)
     assert all("<|im_" not in message["content"] for message in read.messages)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama3", "tekken"])
+def test_a_conversation_longer_than_the_shapes_is_refused_without_backtracking(bank, name):
+    """Forty turns: no shape (at most eight turns) can hold them, since a content never spans a
+    piece of the template; the match fails at once instead of trying every split of the turns."""
+    tokenizer, vocab = bank.tokenizer(name), bank.vocab(name)
+    reader = TemplateReader(tokenizer, vocab)
+    long = [
+        {"role": role, "content": f"Turn {index}: {role} says {index * 7}."}
+        for index in range(79)
+        for role in (("user",) if index % 2 == 0 else ("assistant",))
+    ]
+    assert reader.read(_rendered(tokenizer, long)) is None
+    assert reader.read(_rendered(tokenizer, long[-3:])) is not None
+
+
+def test_a_template_that_does_not_read_back_is_switched_off(bank):
+    reader = TemplateReader(bank.tokenizer("mistral-v1"), bank.vocab("mistral-v1"))
+    assert reader.shapes == []
