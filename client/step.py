@@ -205,14 +205,16 @@ def accumulate_gradients(
         (_rows(rollout, lo, hi), None if scored is None else scored[lo:hi])
         for lo, hi in itertools.pairwise(edges)
     ]
+
+    def part_loss(part: Rollout, part_scored: list[ScoredSequence] | None) -> losses.LossOutput:
+        with forward_precision(trained, cfg.mixed_precision):
+            if part_scored is None:
+                return sft_loss(trained, part)
+            return batch_loss(cfg, trained, part, part_scored)
+
     if len(parts) == 1:
         # One micro-batch: the plain step, with no stand-in forward to count positions.
-        with forward_precision(trained, cfg.mixed_precision):
-            output = (
-                sft_loss(trained, rollout)
-                if scored is None
-                else batch_loss(cfg, trained, rollout, scored)
-            )
+        output = part_loss(rollout, scored)
         output.loss.backward()
         return output
     counts = [loss_positions(cfg, part, part_scored) for part, part_scored in parts]
@@ -222,12 +224,7 @@ def accumulate_gradients(
     for index, ((part, part_scored), count) in enumerate(zip(parts, counts, strict=True)):
         weight = count / total if total else 1.0 / len(parts)
         with gradient_sync(trained, sync=index == len(parts) - 1):
-            with forward_precision(trained, cfg.mixed_precision):
-                output = (
-                    sft_loss(trained, part)
-                    if part_scored is None
-                    else batch_loss(cfg, trained, part, part_scored)
-                )
+            output = part_loss(part, part_scored)
             (output.loss * weight).backward()
         counted = output.metrics.get("valid_tokens", output.metrics.get("tokens"))
         if counted != count:
