@@ -31,7 +31,7 @@ from tokenbridge.service.errors import QuotaExceededError, ServiceError, Unproce
 from tokenbridge.service.http import KeyGate, http_code, response_encoding
 from tokenbridge.service.routes import ROUTERS
 from tokenbridge.shared import responses
-from tokenbridge.shared.codec import JSON, MSGPACK, pack
+from tokenbridge.shared.codec import JSON, pack
 
 __all__ = ["create_app"]
 
@@ -60,9 +60,8 @@ def _error_body(request: Request, error: ServiceError) -> Any:
 
 def _error_response(request: Request, error: ServiceError) -> Response:
     body = _error_body(request, error)
-    default = JSON if is_face_path(request.url.path) else MSGPACK
     try:
-        encoding = response_encoding(request, default)
+        encoding = response_encoding(request)
     except ServiceError:
         encoding = JSON
     metrics = request.app.state.service.metrics

@@ -43,6 +43,7 @@ from tokenbridge.shared.protocol import (
 
 __all__ = [
     "FACE_PREFIX",
+    "PAIR_PATH",
     "PairModel",
     "PromptPlan",
     "answer",
@@ -55,8 +56,9 @@ __all__ = [
     "score_request",
 ]
 
-#: Where the per-pair base URLs live.
+#: Where the per-pair base URLs live, and the routes' pattern of one.
 FACE_PREFIX = "/vllm"
+PAIR_PATH = FACE_PREFIX + "/{teacher}/{student_id}"
 _SEPARATOR = "@"
 #: vLLM writes a log-prob of minus infinity as this (JSON has no infinity).
 _FLOOR = -9999.0

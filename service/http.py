@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
+from tokenbridge.service.completions import is_face_path
 from tokenbridge.service.config import ServiceConfig, hash_api_key
 from tokenbridge.service.core import TeacherService
 from tokenbridge.service.errors import (
@@ -83,15 +84,16 @@ def request_encoding(request: Request) -> str:
     return encoding
 
 
-def response_encoding(request: Request, default: str = MSGPACK) -> str:
-    """The answer's encoding: what ``Accept`` names, else the body's, else ``default``
-    (msgpack; JSON on the vLLM face, whose clients read JSON without asking for it)."""
+def response_encoding(request: Request) -> str:
+    """The answer's encoding: what ``Accept`` names, else the body's, else msgpack (JSON on the
+    vLLM face, whose clients read JSON without asking for it)."""
     accept = request.headers.get("accept", "").lower()
     wants_json = JSON in accept
     wants_msgpack = any(t in accept for t in MSGPACK_TYPES)
     if wants_json != wants_msgpack:
         return JSON if wants_json else MSGPACK
     header = request.headers.get("content-type")
+    default = JSON if is_face_path(request.url.path) else MSGPACK
     return (body_encoding(header) if header else None) or default
 
 
@@ -100,11 +102,9 @@ def respond(
     value: Any,
     status: int = 200,
     headers: dict[str, str] | None = None,
-    default: str = MSGPACK,
 ) -> Response:
-    """``value`` encoded as the caller asked (``default`` when it does not say), its size
-    counted."""
-    encoding = response_encoding(request, default)
+    """``value`` encoded as the caller asked, its size counted."""
+    encoding = response_encoding(request)
     body = pack(value, encoding)
     service_of(request).metrics.payload_bytes.labels("out").observe(len(body))
     return Response(body, status_code=status, media_type=encoding, headers=headers)

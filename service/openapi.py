@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from tokenbridge.service.completions import PAIR_PATH, is_face_path
 from tokenbridge.shared.protocol import (
     COMPLETION_NEUTRAL_FIELDS,
     CompletionRequest,
@@ -52,7 +53,7 @@ _COMPONENTS = "#/components/schemas/"
 _ENCODINGS = ("application/json", "application/msgpack")
 
 _REQUEST_MODELS = (ScoreRequest, GenerateRequest, RegisterTokenizerRequest, CompletionRequest)
-_PAIR = "/vllm/{teacher}/{student_id}"
+_PAIR = PAIR_PATH
 
 _ERROR_TEXT = {
     400: "the body is not valid msgpack/JSON, is empty, or a typed array lies about its size",
@@ -138,8 +139,7 @@ def _content(schema_name: str) -> dict[str, Any]:
 def operation(method: str, path: str) -> dict[str, Any]:
     """The ``openapi_extra`` of one guarded route: body, parameters, answers and security."""
     summary, model, successes, errors = _ROUTES[(method, path)]
-    face = path.startswith("/vllm/") or path in ("/v1/models", "/v1/completions")
-    refusal = (VllmErrorBody if face else ErrorBody).__name__
+    refusal = (VllmErrorBody if is_face_path(path) else ErrorBody).__name__
     responses: dict[str, Any] = {}
     for status, answer in successes.items():
         if answer is None and path.endswith("/health"):

@@ -30,7 +30,6 @@ from tokenbridge.service.http import (
 )
 from tokenbridge.service.teacher import Teacher
 from tokenbridge.shared import responses
-from tokenbridge.shared.codec import JSON
 from tokenbridge.shared.protocol import (
     CompletionRequest,
     GenerateRequest,
@@ -208,7 +207,7 @@ async def generate(request: Request) -> Response:
 # -- the vLLM-compatible face (docs/vllm-face.md) ----------------------------------------------
 
 vllm_face = APIRouter(dependencies=[Depends(authorise)])
-_PAIR = completions.FACE_PREFIX + "/{teacher}/{student_id}"
+_PAIR = completions.PAIR_PATH
 
 
 def _pair_of(request: Request) -> completions.PairModel:
@@ -229,7 +228,7 @@ async def _complete(request: Request, base: completions.PairModel | None) -> Res
     _, scored = await _teach(request, scoring, TeacherService.score, teacher)
     request_id = request.scope["state"].get("request_id") or completions.new_request_id()
     answer = await asyncio.to_thread(completions.answer, body, pair, scored, plans, request_id)
-    return respond(request, answer, default=JSON)
+    return respond(request, answer)
 
 
 @vllm_face.get("/v1/models", **_documented("GET", "/v1/models"))
@@ -240,7 +239,7 @@ async def list_models(request: Request) -> Response:
         "object": "list",
         "data": [completions.model_card(pair) for pair in pairs],
     }
-    return respond(request, listed, default=JSON)
+    return respond(request, listed)
 
 
 @vllm_face.post("/v1/completions", **_documented("POST", "/v1/completions"))
@@ -267,7 +266,7 @@ async def pair_models(request: Request) -> Response:
         "object": "list",
         "data": [completions.model_card(_pair_of(request))],
     }
-    return respond(request, listed, default=JSON)
+    return respond(request, listed)
 
 
 @vllm_face.post(_PAIR + "/v1/completions", **_documented("POST", _PAIR + "/v1/completions"))
